@@ -1,0 +1,29 @@
+"""`python -m lora_train {train,caption,bench,demo}`: the headless command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from . import cli_demo, cli_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_train",
+                                     description="Caption images and train Stable Diffusion LoRAs.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    cli_train.add_parser(subparsers)
+    cli_demo.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

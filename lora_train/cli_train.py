@@ -1,0 +1,139 @@
+"""`python -m lora_train train --config x.yaml [--dry-run]`: standalone training from a YAML file.
+
+Prints a progress bar (step, loss, it/s, ETA) and a summary of where every file went. Exit code 0 on success;
+a user mistake (bad config, dataset, model or output name) prints one line starting with "error:" and exits 2.
+The first Ctrl+C stops after the current step and saves; a second one aborts without saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Optional
+
+import yaml
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, TrainConfig, load_config
+from .dataset import DatasetError, load_dataset
+from .export import OutputExistsError
+from .models.diffusers import ModelLoadError
+
+USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a LoRA from a YAML config",
+                                   description="Train a LoRA on a Stable Diffusion 1.x/2.x checkpoint.")
+    parser.add_argument("--config", required=True, help="YAML file (see lora_train/configs/lora_default.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, dataset report, buckets and step count; train nothing")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config).validate()
+        if args.dry_run:
+            return _dry_run(config)
+        return _train(config)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dry_run(config: TrainConfig) -> int:
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
+    dataset = load_dataset(config.data)
+    print("\n" + dataset.report.summary())
+    print("\nbuckets (width x height: images incl. repeats):")
+    for (width, height), count in sorted(dataset.bucket_counts().items()):
+        print(f"  {width}x{height}: {count}")
+    print("\n" + _plan(config, dataset))
+    return 0
+
+
+def _plan(config: TrainConfig, dataset) -> str:
+    train = config.training
+    per_epoch = -(-dataset.steps_per_epoch(train.batch_size) // train.gradient_accumulation_steps)
+    total = train.max_train_steps or per_epoch * train.epochs
+    return (f"{per_epoch} optimizer steps per epoch x {train.epochs} epochs -> {total} steps"
+            + (" (max_train_steps)" if train.max_train_steps else ""))
+
+
+class _Progress:
+    """Trainer callback drawing a tqdm bar and forwarding Ctrl+C as a stop request."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = None
+        self.stop_mode: Optional[str] = None
+
+    def __call__(self, event: str, trainer) -> None:
+        if self.stop_mode and trainer.stop_mode is None:
+            trainer.request_stop(self.stop_mode)
+        info = trainer.info
+        if event == "cache" and info.cached == info.cache_total:
+            print(f"cached latents of {info.cache_total} images", file=sys.stderr)
+        if event != "step":
+            return
+        if self.bar is None:
+            self.bar = self._tqdm(total=info.total_steps, initial=info.step - 1, unit="step", dynamic_ncols=True)
+        self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+        self.bar.update(1)
+
+    def interrupt(self, _signum, _frame) -> None:
+        if self.stop_mode:
+            raise KeyboardInterrupt
+        self.stop_mode = "save"
+        print("\nstopping after this step and saving (Ctrl+C again to abort)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train(config: TrainConfig) -> int:
+    import torch
+
+    from .models.diffusers import load_diffusers_model
+    from .pipeline import train_lora
+
+    dataset = load_dataset(config.data)
+    print(dataset.report.summary(), file=sys.stderr)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {config.model.base_model} on {device}", file=sys.stderr)
+    model = load_diffusers_model(config.model.base_model).to(device, _weight_dtype(config, device))
+    progress = _Progress()
+    previous = signal.signal(signal.SIGINT, progress.interrupt)
+    try:
+        result = train_lora(config, model, callbacks=[progress], dataset=dataset)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.close()
+    _print_summary(result)
+    return 0
+
+
+def _weight_dtype(config: TrainConfig, device) -> "torch.dtype":
+    """Frozen base weights in half precision on a GPU (adapters stay fp32); fp32 on the CPU."""
+    import torch
+
+    if device.type != "cuda" or config.training.mixed_precision == "no":
+        return torch.float32
+    return torch.float16 if config.training.mixed_precision == "fp16" else torch.bfloat16
+
+
+def _print_summary(result) -> None:
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    lines = [f"training {result.state}: {result.steps}/{result.total_steps} steps in {result.seconds:.1f} s, "
+             f"final loss {final}"]
+    if result.lora_path:
+        lines.append(f"LoRA:        {result.lora_path}")
+    lines += [f"epoch file:  {path}" for path in result.epoch_files]
+    lines += [f"checkpoint:  {path}" for path in result.checkpoints]
+    lines.append(f"TensorBoard: {result.log_dir}  (tensorboard --logdir {result.log_dir})")
+    print("\n".join(lines))

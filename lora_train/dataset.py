@@ -1,0 +1,414 @@
+"""Training images: scan a folder once, pair every image with its caption and bucket, and load it as a tensor.
+
+`load_dataset(config)` walks `DataConfig.train_data_dir` recursively. Every .jpg/.jpeg/.png/.webp/.bmp file is
+fully decoded once (EXIF orientation applied) so that broken files are found before training, not mid-run. A
+subfolder named `N_name` (kohya convention, e.g. `10_mychar`) gives its images N repeats per epoch; the nearest
+such folder wins, other images get `DataConfig.repeats`.
+
+Captions come from a sidecar file `<stem><caption_extension>` and/or a CSV (`metadata_path`, else
+`<train_data_dir>/metadata.csv`) with a filename column (filename, file_name or image) and a caption column
+(prompt, text or caption), filenames relative to the CSV's folder. **The sidecar wins over the CSV row for the
+same image**; an empty sidecar counts as no sidecar. An image with no caption is kept with an empty caption.
+
+Images go to kohya-style aspect-ratio buckets (or one square when bucketing is off); `Dataset` hands out
+single-bucket batches per epoch, pixels resized to cover the bucket and centre-cropped, and captions with
+shuffling and dropout applied.
+
+Nothing odd stops a run: unreadable or unsupported files, captionless images and CSV rows naming no usable image
+go into `DatasetReport`. `DatasetError` is raised only when nothing usable is left: no usable image, no folder, no
+bucket that fits the resolution settings, or a CSV that cannot be read. Source files are only read, never written.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora_train.config import DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IGNORED_EXTENSIONS = (".txt", ".csv", ".json", ".yaml", ".yml", ".npz", ".safetensors")
+FILENAME_COLUMNS = ("filename", "file_name", "image")
+CAPTION_COLUMNS = ("prompt", "text", "caption")
+DEFAULT_CSV_NAME = "metadata.csv"
+BUCKET_STEP = 64
+SUMMARY_LIST_LIMIT = 20
+REPEAT_FOLDER = re.compile(r"^(\d+)_.+")
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+Bucket = Tuple[int, int]
+
+
+class DatasetError(ValueError):
+    """The images or captions cannot be used at all; the message says what to fix."""
+
+
+@dataclass
+class Sample:
+    """One usable image."""
+    path: Path
+    caption: str  # raw caption, before shuffling and dropout
+    bucket: Bucket  # (width, height)
+    repeats: int
+    folder: str  # subfolder relative to train_data_dir, "" for the top level
+
+
+@dataclass
+class DatasetReport:
+    """What the scan found and every file or row it could not use."""
+    images_found: int  # usable images
+    skipped: List[Tuple[str, str]]  # (path relative to train_data_dir, reason)
+    missing_captions: List[str]  # relative paths of images trained with an empty caption
+    csv_rows_without_image: List[str]  # CSV filenames naming a missing or unusable image
+    caption_source: str  # "sidecar .txt", "metadata.csv", "sidecar .txt + metadata.csv" or "none"
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.images_found} usable images; captions from {self.caption_source}",
+            f"{len(self.skipped)} files skipped, {len(self.missing_captions)} images without a caption, "
+            f"{len(self.csv_rows_without_image)} CSV rows without an image",
+        ]
+        lines += _capped("Skipped:", [f"{path}: {reason}" for path, reason in self.skipped])
+        lines += _capped("Without a caption (trained with an empty one):", self.missing_captions)
+        lines += _capped("CSV rows naming no usable image:", self.csv_rows_without_image)
+        return "\n".join(lines)
+
+
+def _capped(title: str, items: List[str]) -> List[str]:
+    if not items:
+        return []
+    lines = [title] + [f"  {item}" for item in items[:SUMMARY_LIST_LIMIT]]
+    if len(items) > SUMMARY_LIST_LIMIT:
+        lines.append(f"  ... and {len(items) - SUMMARY_LIST_LIMIT} more")
+    return lines
+
+
+@dataclass
+class _Found:
+    """An image file found by the scan, before it is decoded."""
+    path: Path
+    rel: str
+    folder: str
+    repeats: int
+
+
+@dataclass
+class Dataset:
+    """The usable images of one training folder and how to serve them per epoch."""
+    samples: List[Sample]
+    report: DatasetReport
+    config: DataConfig
+
+    def bucket_counts(self) -> Dict[Bucket, int]:
+        """Images per bucket, repeats included."""
+        counts: Counter = Counter()
+        for sample in self.samples:
+            counts[sample.bucket] += sample.repeats
+        return dict(sorted(counts.items()))
+
+    def epoch_batches(self, batch_size: int, epoch: int, seed: int) -> List[List[int]]:
+        """Indices into samples, batched one bucket at a time, in an order fixed by (seed, epoch)."""
+        _check_batch_size(batch_size)
+        rng = random.Random(f"{seed}/{epoch}")
+        by_bucket: Dict[Bucket, List[int]] = {}
+        for index, sample in enumerate(self.samples):
+            by_bucket.setdefault(sample.bucket, []).extend([index] * sample.repeats)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            rng.shuffle(indices)
+            batches.extend(indices[start:start + batch_size] for start in range(0, len(indices), batch_size))
+        rng.shuffle(batches)
+        return batches
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        _check_batch_size(batch_size)
+        return sum(math.ceil(count / batch_size) for count in self.bucket_counts().values())
+
+    def load_pixels(self, index: int, flip: bool = False) -> torch.Tensor:
+        """The image resized to cover its bucket and centre-cropped: float32 [3, H, W] in [-1, 1]."""
+        sample = self.samples[index]
+        with Image.open(sample.path) as image:
+            image.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+        fitted = _cover_crop(rgb, sample.bucket)
+        if flip:
+            fitted = ImageOps.mirror(fitted)
+        array = np.asarray(fitted, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def caption_for(self, index: int, rng: random.Random) -> str:
+        """The caption to train on: dropped to "" with caption_dropout, else tags shuffled after keep_tokens."""
+        caption = self.samples[index].caption
+        if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
+            return ""
+        if not self.config.shuffle_captions:
+            return caption
+        tags = _split_tags(caption)
+        kept, rest = tags[:self.config.keep_tokens], tags[self.config.keep_tokens:]
+        rng.shuffle(rest)
+        return ", ".join(kept + rest)
+
+    def tag_frequency(self) -> Dict[str, Dict[str, int]]:
+        """{folder or "root": {lower-cased tag: images with it}}, like kohya's ss_tag_frequency."""
+        frequency: Dict[str, Dict[str, int]] = {}
+        for sample in self.samples:
+            counts = frequency.setdefault(sample.folder or "root", {})
+            for tag in _split_tags(sample.caption):
+                counts[tag.lower()] = counts.get(tag.lower(), 0) + 1
+        return frequency
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _split_tags(caption: str) -> List[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels; anything with transparency is composited on white."""
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _cover_crop(image: Image.Image, bucket: Bucket) -> Image.Image:
+    """Lanczos-resizes the image until it covers the bucket, then crops the centre to exactly the bucket."""
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def make_buckets(resolution: int, min_reso: int, max_reso: int) -> List[Bucket]:
+    """kohya's buckets: sides multiples of 64 in [min_reso, max_reso], area <= resolution**2, tallest per width."""
+    low = -(-min_reso // BUCKET_STEP) * BUCKET_STEP
+    high = max_reso // BUCKET_STEP * BUCKET_STEP
+    buckets = set()
+    for width in range(low, high + 1, BUCKET_STEP):
+        height = min(high, resolution * resolution // width // BUCKET_STEP * BUCKET_STEP)
+        if height >= low:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets)
+
+
+def nearest_bucket(size: Tuple[int, int], buckets: List[Bucket]) -> Bucket:
+    """The bucket whose width/height ratio is closest to the image's; ties go to the larger area."""
+    ratio = size[0] / size[1]
+    return min(buckets, key=lambda bucket: (abs(bucket[0] / bucket[1] - ratio), -bucket[0] * bucket[1]))
+
+
+def _walk_files(root: Path, skipped: List[Tuple[str, str]]) -> List[Path]:
+    """Every file under root, sorted; hidden folders are not entered, unreadable ones are reported."""
+    def report(error: OSError) -> None:
+        skipped.append((_relative(Path(error.filename), root), f"folder cannot be read: {error.strerror}"))
+
+    found = []
+    for folder, dirnames, filenames in os.walk(root, onerror=report):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        found.extend(Path(folder) / name for name in filenames)
+    return sorted(found)
+
+
+def _relative(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return "" if rel == "." else rel
+
+
+def _folder_repeats(folder: str, default: int) -> int:
+    """Repeats from the nearest `N_name` folder in the relative folder path, else the default."""
+    for part in reversed(PurePosixPath(folder).parts):
+        match = REPEAT_FOLDER.match(part)
+        if match:
+            return int(match.group(1))
+    return default
+
+
+def _scan(root: Path, config: DataConfig, skipped: List[Tuple[str, str]]) -> List[_Found]:
+    ignored = set(IGNORED_EXTENSIONS) | {config.caption_extension.lower()}
+    found = []
+    for path in _walk_files(root, skipped):
+        rel, suffix = _relative(path, root), path.suffix.lower()
+        if path.name.startswith(".") or suffix in ignored:
+            continue
+        if suffix not in IMAGE_EXTENSIONS:
+            skipped.append((rel, f"not a supported image type: {suffix or '(no extension)'}"))
+            continue
+        folder = _relative(path.parent, root)
+        repeats = _folder_repeats(folder, config.repeats)
+        if repeats < 1:
+            skipped.append((rel, "0 repeats: its folder name starts with 0_; rename it to 1_... to use it"))
+            continue
+        found.append(_Found(path, rel, folder, repeats))
+    return found
+
+
+def _probe_image(path: Path) -> Tuple[Optional[Tuple[int, int]], str]:
+    """(upright width and height, "") after a full decode, or (None, why the image cannot be used)."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file: 0 bytes"
+        with Image.open(path) as image:
+            image.load()
+            size = ImageOps.exif_transpose(image).size
+    except UnidentifiedImageError:
+        return None, "unreadable image: not in a recognised image format"
+    except DECODE_ERRORS as error:
+        return None, f"unreadable image: {error}"
+    if 0 in size:
+        return None, "unreadable image: it has no pixels"
+    return size, ""
+
+
+def _read_sidecar(found: _Found, extension: str, skipped: List[Tuple[str, str]]) -> str:
+    """The stripped sidecar caption, or "" when there is none; an unreadable one is reported."""
+    path = found.path.with_suffix(extension)
+    if not path.is_file():
+        return ""
+    rel = PurePosixPath(found.rel).with_suffix(extension).as_posix()
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        skipped.append((rel, f"caption is not UTF-8 text ({error.reason}); save it as UTF-8"))
+    except OSError as error:
+        skipped.append((rel, f"caption cannot be read: {error.strerror}"))
+    return ""
+
+
+def read_metadata_csv(path: Path) -> Dict[str, str]:
+    """{filename relative to the CSV's folder, in / form: stripped caption}; the last row wins for a repeated file.
+
+    Raises:
+        DatasetError: the file is not UTF-8 CSV or has no recognisable header row.
+    """
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{path}: cannot be read as UTF-8 CSV ({error}); save it as UTF-8 CSV") from None
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    name_col = next((header.index(name) for name in FILENAME_COLUMNS if name in header), None)
+    text_col = next((header.index(name) for name in CAPTION_COLUMNS if name in header), None)
+    if name_col is None or text_col is None:
+        raise DatasetError(
+            f"{path}: the first row must name a filename column ({', '.join(FILENAME_COLUMNS)}) and a caption "
+            f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(header) or 'no header'}")
+    captions = {}
+    for row in rows[1:]:
+        name = row[name_col].strip() if len(row) > name_col else ""
+        if name:
+            key = PurePosixPath(name.replace("\\", "/")).as_posix()
+            captions[key] = row[text_col].strip() if len(row) > text_col else ""
+    return captions
+
+
+def _metadata_path(config: DataConfig) -> Optional[Path]:
+    if config.metadata_path:
+        path = Path(config.metadata_path)
+        if not path.is_file():
+            raise DatasetError(f"metadata_path {str(path)!r} does not exist; fix the path or remove the key")
+        return path
+    default = Path(config.train_data_dir) / DEFAULT_CSV_NAME
+    return default if default.is_file() else None
+
+
+def _csv_rows(csv_path: Optional[Path]) -> Dict[Path, Tuple[str, str]]:
+    """{resolved image path: (filename as written, caption)} from the CSV, empty without one."""
+    if csv_path is None:
+        return {}
+    folder = csv_path.parent
+    return {(folder / name).resolve(): (name, caption) for name, caption in read_metadata_csv(csv_path).items()}
+
+
+def _assign_captions(images: List[_Found], config: DataConfig, csv_name: str, rows: Dict[Path, Tuple[str, str]],
+                     skipped: List[Tuple[str, str]]) -> Tuple[List[str], DatasetReport]:
+    """One caption per image (sidecar, else CSV row, else "") and the report on the usable images."""
+    sidecar_label = f"sidecar {config.caption_extension}"
+    used, captions, missing = set(), [], []
+    for image in images:
+        caption = _read_sidecar(image, config.caption_extension, skipped)
+        if caption:
+            used.add(sidecar_label)
+        row = rows.pop(image.path.resolve(), None)
+        if not caption and row and row[1]:
+            caption = row[1]
+            used.add(csv_name)
+        if not caption:
+            missing.append(image.rel)
+        captions.append(caption)
+    sources = [label for label in (sidecar_label, csv_name) if label in used]
+    report = DatasetReport(len(images), sorted(skipped), missing, sorted(name for name, _ in rows.values()),
+                           " + ".join(sources) or "none")
+    return captions, report
+
+
+def _no_usable_image(root: Path, skipped: List[Tuple[str, str]]) -> DatasetError:
+    supported = ", ".join(IMAGE_EXTENSIONS)
+    if not skipped:
+        return DatasetError(f"no images in {root}: add {supported} files (subfolders count too)")
+    kinds = Counter(reason.split(":")[0] for _, reason in skipped)
+    detail = "; ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    return DatasetError(f"no usable image in {root}: {len(skipped)} files skipped ({detail}); "
+                        f"add {supported} images that open in an image viewer, or re-save the broken ones")
+
+
+def _buckets_for(config: DataConfig) -> List[Bucket]:
+    if not config.enable_bucket:
+        return [(config.resolution, config.resolution)]
+    buckets = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso)
+    if not buckets:
+        raise DatasetError(
+            f"no bucket has both sides in [{config.min_bucket_reso}, {config.max_bucket_reso}] and an area <= "
+            f"{config.resolution}**2; set data.min_bucket_reso <= data.resolution and <= data.max_bucket_reso")
+    return buckets
+
+
+def load_dataset(config: DataConfig) -> Dataset:
+    """Scans config.train_data_dir and returns every usable image with its caption, bucket and repeats.
+
+    Raises:
+        DatasetError: the folder is missing, no bucket fits the resolution settings, the CSV cannot be read, or
+            no usable image is left.
+    """
+    root = Path(config.train_data_dir)
+    if not root.is_dir():
+        raise DatasetError(f"train_data_dir {str(root)!r} is not a folder; point it at the folder of images")
+    buckets = _buckets_for(config)
+    csv_path = _metadata_path(config)
+    csv_rows = _csv_rows(csv_path)  # before the slow image scan, so that a broken CSV fails fast
+    skipped: List[Tuple[str, str]] = []
+    usable, sizes = [], []
+    for found in _scan(root, config, skipped):
+        size, reason = _probe_image(found.path)
+        if size is None:
+            skipped.append((found.rel, reason))
+        else:
+            usable.append(found)
+            sizes.append(size)
+    if not usable:
+        raise _no_usable_image(root, skipped)
+    captions, report = _assign_captions(usable, config, csv_path.name if csv_path else "", csv_rows, skipped)
+    samples = [Sample(found.path, caption, nearest_bucket(size, buckets), found.repeats, found.folder)
+               for found, size, caption in zip(usable, sizes, captions)]
+    return Dataset(samples, report, config)
+

@@ -1,0 +1,46 @@
+"""Context managers the model adapters share: freeze a model, checkpoint blocks; both undo exactly on exit."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """requires_grad=False on every parameter for the duration; each flag restored afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in saved:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in saved:
+            parameter.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def checkpointed(blocks: List[nn.Module]) -> Iterator[None]:
+    """Runs each block under non-reentrant activation checkpointing; restores any instance forward after."""
+    saved = [(block, block.__dict__.get("forward")) for block in blocks]
+    try:
+        for block, _ in saved:
+            block.forward = _checkpointed_forward(block.forward)
+        yield
+    finally:
+        for block, previous in saved:
+            del block.forward
+            if previous is not None:
+                block.forward = previous
+
+
+def _checkpointed_forward(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run

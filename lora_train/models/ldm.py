@@ -1,0 +1,104 @@
+"""SD1/SD2 held as an ldm `LatentDiffusion`, as the WebUI holds its loaded checkpoint (eps and v-prediction).
+
+The model is used in place: no copy, no conversion. `training()` freezes every base parameter and turns off
+ldm's own gradient checkpointing (its reentrant `CheckpointFunction` only differentiates a block's own
+parameters, so adapters inside it would get no gradient), optionally wraps the UNet's blocks in PyTorch's
+non-reentrant checkpoint instead, and on exit restores every flag and attribute it touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+from . import TargetSpec
+from .common import checkpointed, frozen
+from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, compvis_to_diffusers_path,
+                       find_targets, unet_blocks)
+
+logger = logging.getLogger(__name__)
+
+# ldm's own checkpoint switches: BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint.
+_LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
+
+
+def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
+    """The HF CLIPTextModel inside ldm's FrozenCLIPEmbedder, or inside the WebUI's wrapper of it."""
+    for holder in (cond_stage_model, getattr(cond_stage_model, "wrapped", None)):
+        transformer = getattr(holder, "transformer", None)
+        if transformer is not None and hasattr(transformer, "text_model"):
+            return transformer
+    return None
+
+
+class LdmModel:
+    """DiffusionModel over an ldm LatentDiffusion (SD1 or SD2)."""
+
+    def __init__(self, sd_model: nn.Module, name: str = ""):
+        self.sd_model = sd_model
+        self.name = name
+        self.text_model = _clip_text_model(sd_model.cond_stage_model)
+        self.family = "sd1" if self.text_model is not None else "sd2"
+        self.prediction = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+        self.alphas_cumprod = sd_model.alphas_cumprod.detach().float()
+        self.unet = sd_model.model.diffusion_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
+        targets = find_targets(self.unet, unet_blocks(spec.conv), UNET_PREFIX, rename=compvis_to_diffusers_path)
+        if spec.text_encoder and self.text_model is not None:
+            targets.update(find_targets(self.text_model, TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX))
+        elif spec.text_encoder:
+            logger.warning("SD2's text encoder is held with fused attention and cannot be adapted here; "
+                           "training the UNet only (set model.train_text_encoder: false to silence this)")
+        return targets
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.sd_model.first_stage_model
+        vae_dtype = next(vae.parameters()).dtype
+        posterior = self.sd_model.encode_first_stage(pixels.to(self.device, vae_dtype))
+        return self.sd_model.get_first_stage_encoding(posterior).float()
+
+    def encode_prompts(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
+        return self.sd_model.get_learned_conditioning(list(captions))
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.sd_model.apply_model(noisy.to(self.dtype), timesteps, cond.to(self.dtype))
+
+    @contextlib.contextmanager
+    def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(frozen(self.sd_model))
+            stack.enter_context(_ldm_checkpointing_off(self.unet))
+            if gradient_checkpointing:
+                stack.enter_context(checkpointed(_unet_blocks(self.unet)))
+            yield
+
+
+def _unet_blocks(unet: nn.Module) -> List[nn.Module]:
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+@contextlib.contextmanager
+def _ldm_checkpointing_off(unet: nn.Module) -> Iterator[None]:
+    saved = [(m, name, getattr(m, name)) for m in unet.modules() for name in _LDM_CHECKPOINT_FLAGS
+             if isinstance(getattr(m, name, None), bool) and getattr(m, name)]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)

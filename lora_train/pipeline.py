@@ -1,0 +1,112 @@
+"""One training run from a validated config and a loaded model: dataset, adapters, trainer, LoRA file.
+
+The CLI and the WebUI both call `train_lora`. The model is used in place: adapters are hooked on for the run
+and removed afterwards, every flag the run changed is restored, and the process RNG state is untouched. The
+final file is written only when the run ends or is stopped with "save"; "discard" writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional
+
+import torch
+
+from .config import TrainConfig
+from .dataset import Dataset, load_dataset
+from .export import build_metadata, check_free, save_lora
+from .models import TargetSpec
+from .network import LoRANetwork, NetworkSpec, create_network
+from .tb_logger import TensorBoardLogger
+from .trainer import Callback, Trainer
+
+
+@dataclass
+class TrainResult:
+    state: str  # "done" | "stopped" (stopped early, saved) | "discarded"
+    lora_path: Optional[Path]
+    steps: int
+    total_steps: int
+    losses: List[float]
+    seconds: float
+    log_dir: Path
+    epoch_files: List[Path] = field(default_factory=list)
+    checkpoints: List[Path] = field(default_factory=list)
+
+
+def build_network(config: TrainConfig, model) -> LoRANetwork:
+    net = config.model
+    spec = TargetSpec(text_encoder=net.train_text_encoder, conv=net.conv_rank > 0)
+    return create_network(model.lora_targets(spec), NetworkSpec(
+        rank=net.lora_rank, alpha=net.alpha, dropout=net.dropout, conv_rank=net.conv_rank,
+        conv_alpha=net.conv_alpha, seed=config.training.seed), device=model.device)
+
+
+@contextlib.contextmanager
+def attached(network: LoRANetwork) -> Iterator[None]:
+    handle = network.attach()
+    try:
+        yield
+    finally:
+        handle.detach()
+
+
+def _forked_rng(device: torch.device):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+class _Artifacts:
+    """Trainer callback: epoch LoRA files (save_every_n_epochs) and the list of checkpoints written."""
+
+    def __init__(self, config: TrainConfig, model, dataset: Dataset):
+        self.config, self.model, self.dataset = config, model, dataset
+        self.epoch_files: List[Path] = []
+        self.checkpoints: List[Path] = []
+
+    def __call__(self, event: str, trainer: Trainer) -> None:
+        if event == "checkpoint":
+            self.checkpoints.append(trainer.last_checkpoint)
+        every = self.config.output.save_every_n_epochs
+        epoch = trainer.position.epoch
+        if event == "epoch" and every and epoch % every == 0 and trainer.position.step < trainer.total_steps:
+            output = self.config.output
+            path = Path(output.output_dir) / f"{output.output_name}-{epoch:06d}.safetensors"
+            self.epoch_files.append(save_lora(path, trainer.network.state_dict(), self.metadata(trainer),
+                                              output.save_precision, overwrite=output.overwrite))
+
+    def metadata(self, trainer: Trainer):
+        return build_metadata(self.config, self.model, self.dataset, trainer.position.step, trainer.position.epoch)
+
+
+def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
+               dataset: Optional[Dataset] = None) -> TrainResult:
+    """Trains a LoRA on `model` (a DiffusionModel) as configured; returns what was written."""
+    started = time.perf_counter()
+    output = config.output
+    check_free(output.lora_path, output.overwrite)
+    dataset = dataset if dataset is not None else load_dataset(config.data)
+    network = build_network(config, model)
+    trainer = Trainer(model, network, dataset, config, model.device)
+    artifacts, tensorboard = _Artifacts(config, model, dataset), TensorBoardLogger(output.log_dir)
+    for callback in (tensorboard, artifacts, *callbacks):
+        trainer.add_callback(callback)
+    try:
+        with _forked_rng(model.device), model.training(config.training.gradient_checkpointing,
+                                                       config.model.train_text_encoder), attached(network):
+            network.train()
+            trainer.run()
+    finally:
+        tensorboard.close()
+    state = {None: "done", "save": "stopped", "discard": "discarded"}[trainer.stop_mode]
+    path = None
+    if state != "discarded":
+        path = save_lora(output.lora_path, network.state_dict(), artifacts.metadata(trainer),
+                         output.save_precision, overwrite=output.overwrite)
+    return TrainResult(state=state, lora_path=path, steps=trainer.position.step, total_steps=trainer.total_steps,
+                       losses=list(trainer.position.losses), seconds=time.perf_counter() - started,
+                       log_dir=output.log_dir, epoch_files=artifacts.epoch_files,
+                       checkpoints=artifacts.checkpoints)

@@ -1,0 +1,250 @@
+"""The training loop: noise, target, loss, optimizer, schedule, accumulation, precision, checkpoints, stop.
+
+It knows the diffusion maths and the `DiffusionModel` protocol, nothing about the WebUI or a model family.
+Every random draw of micro-step k comes from generators seeded with (seed, k), so a run is deterministic for a
+seed and a resumed run continues exactly where the checkpoint left off. Progress goes to callbacks
+`fn(event, trainer)` with events "cache", "step", "epoch", "checkpoint"; `request_stop("save"|"discard")` is
+honoured before the next micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .losses import diffusion_target, min_snr_weight, noisy_latents
+from .optim import build_optimizer, build_scheduler
+from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
+
+Callback = Callable[[str, "Trainer"], None]
+STOP_MODES = ("save", "discard")
+
+
+@dataclass
+class StepInfo:
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float = float("nan")
+    lr: float = 0.0
+    seconds_per_step: float = 0.0
+    cached: int = 0
+    cache_total: int = 0
+
+    @property
+    def eta_s(self) -> float:
+        return max(0, self.total_steps - self.step) * self.seconds_per_step
+
+
+def _micro_seed(seed: int, micro_step: int) -> int:
+    return (seed * 1_000_003 + micro_step) % (2 ** 63)
+
+
+class Trainer:
+    """Trains a LoRANetwork already attached to a model in its training() context."""
+
+    def __init__(self, model, network, dataset, config: TrainConfig, device: torch.device):
+        self.model, self.network, self.dataset, self.config = model, network, dataset, config
+        self.device = torch.device(device)
+        train = config.training
+        self.batches_per_epoch = dataset.steps_per_epoch(train.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / train.gradient_accumulation_steps)
+        self.total_steps = train.max_train_steps or self.steps_per_epoch * train.epochs
+        self.optimizer = build_optimizer(train.optimizer, [
+            {"params": network.parameters_for(UNET_PREFIX), "lr": train.learning_rate},
+            {"params": network.parameters_for(TEXT_ENCODER_PREFIX), "lr": train.effective_text_encoder_lr}])
+        self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps, self.total_steps)
+        self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
+        self.scaler = _grad_scaler(self.autocast_dtype == torch.float16)
+        self.position = Position()
+        self.info = StepInfo(total_steps=self.total_steps)
+        self.stop_mode: Optional[str] = None
+        self.latent_cache: Dict[Tuple[int, bool], torch.Tensor] = {}
+        self.last_checkpoint: Optional[Path] = None
+        self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
+        self._callbacks: List[Callback] = []
+
+    def add_callback(self, callback: Callback) -> None:
+        self._callbacks.append(callback)
+
+    def _trigger(self, event: str) -> None:
+        for callback in self._callbacks:
+            callback(event, self)
+
+    def request_stop(self, mode: str = "save") -> None:
+        if mode not in STOP_MODES:
+            raise ValueError(f"stop mode must be one of {STOP_MODES}, not {mode!r}")
+        self.stop_mode = mode
+
+    @property
+    def settings(self) -> Dict:
+        """What a resumed run must share with the checkpoint for the data order and shapes to match."""
+        train, model = self.config.training, self.config.model
+        return {"batch_size": train.batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
+                "seed": train.seed, "lora_rank": model.lora_rank, "conv_rank": model.conv_rank,
+                "train_text_encoder": model.train_text_encoder, "images": len(self.dataset.samples)}
+
+    def run(self) -> Position:
+        """Trains until total_steps or a stop request; returns where it stopped."""
+        if self.config.training.resume_from_checkpoint:
+            self.resume(Path(self.config.training.resume_from_checkpoint))
+        if self.config.training.cache_latents:
+            self.cache_latents()
+        started, start_step = time.perf_counter(), self.position.step
+        while self.position.step < self.total_steps and self.stop_mode is None:
+            self._train_step()
+            done = self.position.step - start_step
+            self.info.seconds_per_step = (time.perf_counter() - started) / done
+            self._after_step()
+        return self.position
+
+    def _after_step(self) -> None:
+        self._trigger("step")
+        output = self.config.output
+        if output.save_steps and self.position.step % output.save_steps == 0:
+            self.save_checkpoint()
+        if self.position.batch == 0:  # the step finished an epoch
+            self._trigger("epoch")
+
+    def _micro_batches(self) -> List[Tuple[int, int, List[int]]]:
+        """The next accumulation group: (micro_step, epoch, indices) per micro-batch; advances the position."""
+        group = []
+        for _ in range(self.config.training.gradient_accumulation_steps):
+            position = self.position
+            group.append((position.epoch * self.batches_per_epoch + position.batch, position.epoch,
+                          self._batches(position.epoch)[position.batch]))
+            position.batch += 1
+            if position.batch == self.batches_per_epoch:
+                position.epoch, position.batch = position.epoch + 1, 0
+                break  # an epoch boundary ends the group, as the last partial batch of an epoch does
+        return group
+
+    def _batches(self, epoch: int) -> List[List[int]]:
+        if self._epoch_order[0] != epoch:
+            train = self.config.training
+            self._epoch_order = (epoch, self.dataset.epoch_batches(train.batch_size, epoch, train.seed))
+        return self._epoch_order[1]
+
+    def _train_step(self) -> None:
+        group = self._micro_batches()
+        losses = [self._micro_step(micro_step, indices, len(group)) for micro_step, _, indices in group]
+        self._optimizer_step()
+        self.position.step += 1
+        self.position.losses.append(sum(losses) / len(losses))
+        self.info.step, self.info.epoch = self.position.step, group[-1][1]
+        self.info.loss, self.info.lr = self.position.losses[-1], self.scheduler.get_last_lr()[0]
+
+    def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> float:
+        seed = _micro_seed(self.config.training.seed, micro_step)
+        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # adapter dropout and VAE sampling draw from the global RNG
+        flips = [self.config.data.flip_aug and rng.random() < 0.5 for _ in indices]
+        captions = [self.dataset.caption_for(index, rng) for index in indices]
+        latents = self._latents(indices, flips)
+        with self._autocast():
+            cond = self._encode_prompts(captions, indices)
+            loss = self._loss(latents, cond, generator)
+        self.scaler.scale(loss / group_size).backward()
+        return loss.item()
+
+    def _loss(self, latents: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        train = self.config.training
+        alphas_cumprod = self.model.alphas_cumprod
+        noise = torch.randn(latents.shape, generator=generator)
+        if train.noise_offset:
+            noise += train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+        timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        alpha_bar = alphas_cumprod.to(self.device)[timesteps]
+        prediction = self.model.predict(noisy_latents(latents, noise, alpha_bar), timesteps, cond)
+        target = diffusion_target(latents, noise, alpha_bar, self.model.prediction)
+        loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if train.min_snr_gamma:
+            loss = loss * min_snr_weight(alpha_bar, train.min_snr_gamma, self.model.prediction)
+        return loss.mean()
+
+    def _encode_prompts(self, captions: List[str], indices: List[int]):
+        sizes = [self.dataset.samples[i].bucket for i in indices]
+        if self.config.model.train_text_encoder:
+            return self.model.encode_prompts(captions, sizes)
+        with torch.no_grad():
+            return self.model.encode_prompts(captions, sizes)
+
+    def _latents(self, indices: List[int], flips: List[bool]) -> torch.Tensor:
+        if self.latent_cache:
+            return torch.stack([self.latent_cache[(i, f)] for i, f in zip(indices, flips)]).to(self.device)
+        pixels = torch.stack([self.dataset.load_pixels(i, f) for i, f in zip(indices, flips)])
+        return self.model.encode_images(pixels).float()
+
+    def _optimizer_step(self) -> None:
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.scaler.unscale_(self.optimizer)
+        if self.config.training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.training.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def cache_latents(self) -> None:
+        """Encodes every (image, flip) once; the VAE is then not needed during training."""
+        flips = (False, True) if self.config.data.flip_aug else (False,)
+        keys = [(index, flip) for index in range(len(self.dataset.samples)) for flip in flips]
+        self.info.cache_total = len(keys)
+        for done, (index, flip) in enumerate(keys, 1):
+            torch.manual_seed(_micro_seed(self.config.training.seed, -1 - index))
+            pixels = self.dataset.load_pixels(index, flip).unsqueeze(0)
+            self.latent_cache[(index, flip)] = self.model.encode_images(pixels)[0].float().to(self.device)
+            self.info.cached = done
+            self._trigger("cache")
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def checkpoint_dir(self) -> Path:
+        output = self.config.output
+        return Path(output.output_dir) / "checkpoints" / f"{output.output_name}-step{self.position.step:06d}"
+
+    def save_checkpoint(self) -> Path:
+        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        folder = save_checkpoint(self.checkpoint_dir(), self.network.state_dict(), self.optimizer, extra,
+                                 self.position, self.settings)
+        self.last_checkpoint = folder
+        self._trigger("checkpoint")
+        return folder
+
+    def resume(self, folder: Path) -> None:
+        saved = load_checkpoint(folder)
+        check_settings(saved.settings, self.settings)
+        self.network.load_state_dict(saved.adapters)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.extra["scheduler"])
+        if saved.extra.get("scaler"):
+            self.scaler.load_state_dict(saved.extra["scaler"])
+        self.position = saved.position
+        self.info.step = self.position.step
+
+
+def _autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """fp16/bf16 autocast on a GPU; the CPU trains in fp32 (its half-precision kernels are slow or missing)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return None
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+
+
+def _grad_scaler(enabled: bool):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
