@@ -7,14 +7,17 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import cli_demo, cli_train
+from . import bench_caption, cli_caption, cli_demo, cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lora_train",
                                      description="Caption images and train Stable Diffusion LoRAs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    cli_caption.add_parser(subparsers)
     cli_train.add_parser(subparsers)
+    bench = subparsers.add_parser("bench", help="benchmarks (images/s, ms/step, memory)")
+    bench_caption.add_parser(bench.add_subparsers(dest="bench", required=True))
     cli_demo.add_parser(subparsers)
     return parser
 

@@ -1,8 +1,9 @@
 """`python -m lora_train demo`: the whole job on an embedded default, in seconds, on any machine.
 
-Builds a tiny random SD1-topology checkpoint and a small synthetic dataset in code, writes a config from
-`configs/lora_default.yaml` sized for them, trains, and prints where the LoRA and TensorBoard logs went. The
-models are random, so the result demonstrates the mechanics, not image quality.
+Builds a tiny random SD1-topology checkpoint, a tiny random BLIP and a small synthetic dataset in code, captions
+the images with the trigger word in front, writes a config from `configs/lora_default.yaml` sized for them,
+trains, and prints where the LoRA and TensorBoard logs went. The models are random, so the captions are
+random words and the result demonstrates the mechanics, not image quality.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def make_sample_dataset(folder: Path, seed: int = 0) -> Path:
-    """Shapes in colours on plain backgrounds, three aspect ratios, one .txt caption per image."""
+def make_sample_dataset(folder: Path, seed: int = 0, captions: bool = True) -> Path:
+    """Shapes in colours on plain backgrounds, three aspect ratios; with captions, a .txt beside each image."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
@@ -40,8 +41,9 @@ def make_sample_dataset(folder: Path, seed: int = 0) -> Path:
         draw = ImageDraw.Draw(image)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
         image.save(folder / f"{index:02d}_{colour}_{shape}.png")
-        (folder / f"{index:02d}_{colour}_{shape}.txt").write_text(
-            f"{TRIGGER}, a {colour} {shape}, plain background", encoding="utf-8")
+        if captions:
+            (folder / f"{index:02d}_{colour}_{shape}.txt").write_text(
+                f"{TRIGGER}, a {colour} {shape}, plain background", encoding="utf-8")
     return folder
 
 
@@ -60,14 +62,25 @@ def write_demo_config(out: Path, checkpoint: Path, dataset: Path) -> Path:
     return path
 
 
+def _caption(dataset: Path, model: Path) -> None:
+    from .captioning import FolderOptions, caption_folder, create_captioner
+
+    report = caption_folder(dataset, create_captioner(str(model)), FolderOptions(prefix=f"{TRIGGER}, "))
+    print(report.summary())
+    example = sorted(dataset.glob("*.txt"))[0]
+    print(f"e.g. {example.name}: {example.read_text(encoding='utf-8')!r}")
+
+
 def run(args: argparse.Namespace) -> int:
     from . import cli_train
+    from .bench_caption import build_tiny_blip
     from .tiny import build_tiny_checkpoint
 
     out = Path(args.out)
-    print(f"building a tiny SD1-topology checkpoint and a sample dataset in {out}/")
+    print(f"building a tiny SD1-topology checkpoint, a tiny BLIP and a sample dataset in {out}/")
     checkpoint = build_tiny_checkpoint(out / "model")
-    dataset = make_sample_dataset(out / "dataset")
+    dataset = make_sample_dataset(out / "dataset", captions=False)
+    _caption(dataset, build_tiny_blip(out / "model" / "tiny-blip"))
     config = write_demo_config(out, checkpoint, dataset)
     print(f"training with {config}")
     return cli_train.run(argparse.Namespace(config=str(config), dry_run=False))
