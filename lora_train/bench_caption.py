@@ -71,7 +71,7 @@ def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
                                      image_text_hidden_size=TINY_WIDTH)
     config.initializer_range = 0.1  # BlipConfig.__init__ ignores this keyword
     torch.manual_seed(seed)
-    transformers.BlipForConditionalGeneration(config).save_pretrained(folder)
+    transformers.BlipForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
     size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     transformers.BlipProcessor(transformers.BlipImageProcessor(size=size), tokenizer).save_pretrained(folder)
     return folder

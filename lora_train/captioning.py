@@ -7,35 +7,34 @@ first use or `load()`, and `unload()` frees them (the next caption call loads th
 `caption_folder(folder, captioner, options)` captions the images in batches and writes `.txt` sidecars and/or
 a `metadata.csv` (filename,prompt) atomically. By default an image that already has a caption is skipped, so a
 caption the user wrote or edited is never clobbered. Unreadable images are reported in `CaptionReport`, never
-fatal; bad options raise `CaptionError` with the fix.
+fatal; bad options raise `CaptionError` with the fix. Images are opened with `lora_train.images` and caption
+files read and written with `lora_train.captions_io`, as training reads them; an existing CSV is only rewritten
+when it has exactly the two columns filename,prompt, so that no column is ever dropped.
 """
 
 from __future__ import annotations
 
 import abc
-import csv
 import gc
-import io
 import os
-import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from lora_train.captions_io import (CAPTION_COLUMNS, CSV_HEADER, FILENAME_COLUMNS, CaptionFileError,
+                                    captions_from_table, read_csv_table, read_sidecar, write_caption_csv,
+                                    write_text_atomic)
+from lora_train.images import find_images, probe_image, to_rgb
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MODES = ("skip", "overwrite", "append")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 SIDECAR_EXTENSION = ".txt"
-CSV_HEADER = ("filename", "prompt")
-FILENAME_COLUMNS = ("filename", "file_name", "image")  # the headers lora_train.dataset reads
-CAPTION_COLUMNS = ("prompt", "text", "caption")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 ProgressCallback = Callable[[int, int], None]
 StopFlag = Union[Callable[[], bool], threading.Event]
@@ -261,88 +260,30 @@ class CaptionReport:
         return "\n".join(lines)
 
 
-def find_images(folder: Path, recursive: bool = False) -> List[Path]:
-    """Sorted image files (by extension) in folder; hidden files and folders are left out."""
-    found = []
-    for root, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith(".")) if recursive else []
-        found += [Path(root) / name for name in filenames
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
-
-
-def load_image(path: Path) -> Image.Image:
-    """The image upright (EXIF orientation applied) in RGB; transparency is flattened onto white."""
-    with Image.open(path) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-    if "A" in image.getbands() or "transparency" in image.info:  # as lora_train.dataset trains on it
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _open_image(path: Path) -> Tuple[Optional[Image.Image], str]:
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty file: 0 bytes"
-        return load_image(path), ""
-    except UnidentifiedImageError:
-        return None, "unreadable image: not in a recognised image format"
-    except DECODE_ERRORS as error:
-        return None, f"unreadable image: {error}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes UTF-8 text through a temp file in the same folder and os.replace, so a reader never sees half."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
 def read_caption_csv(path: Path) -> Dict[str, str]:
-    """{filename relative to the CSV's folder, / form: caption} in file order; {} when there is no file yet."""
+    """{filename relative to the CSV's folder, / form: caption} in file order; {} when there is no file yet.
+
+    Raises:
+        CaptionError: the file is not UTF-8 CSV, or its header is not exactly two columns, filename then caption
+            (it is rewritten as filename,prompt, so any other column would be lost).
+    """
     if not path.is_file():
         return {}
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle))
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise CaptionError(f"{path} cannot be read as UTF-8 CSV ({error}); fix it or write another CSV") from None
-    header = [cell.strip().lower() for cell in rows[0]] if rows else list(CSV_HEADER)
+        header, rows = read_csv_table(path)
+    except CaptionFileError as error:
+        raise CaptionError(str(error)) from None
+    if not header and not rows:
+        return {}
     if len(header) != 2 or header[0] not in FILENAME_COLUMNS or header[1] not in CAPTION_COLUMNS:
         raise CaptionError(f"{path} has the header {','.join(header)!r}; captions are written to a two-column "
-                           "filename,prompt CSV: fix the header or write another CSV")
-    return {PurePosixPath(row[0].strip().replace("\\", "/")).as_posix(): row[1].strip() if len(row) > 1 else ""
-            for row in rows[1:] if row and row[0].strip()}
-
-
-def write_caption_csv(path: Path, captions: Dict[str, str]) -> None:
-    """Writes a filename,prompt CSV (csv module quoting) atomically."""
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([CSV_HEADER, *captions.items()])
-    write_atomic(path, text.getvalue())
+                           f"{','.join(CSV_HEADER)} CSV: fix the header or write another CSV")
+    return captions_from_table(path, header, rows)
 
 
 def _csv_key(image: Path, csv_path: Path) -> str:
     """The image's filename as the CSV holds it: relative to the CSV's folder, with / separators."""
     return Path(os.path.relpath(image, csv_path.parent)).as_posix()
-
-
-def _read_sidecar(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig").strip() if path.is_file() else ""
-    except UnicodeDecodeError as error:
-        raise CaptionError(f"{path.name} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
-    except OSError as error:
-        raise CaptionError(f"{path.name} cannot be read ({error.strerror}); fix its permissions") from None
 
 
 @dataclass
@@ -355,15 +296,19 @@ class _Run:
     report: CaptionReport = field(default_factory=CaptionReport)
 
     def existing(self, image: Path) -> str:
-        """The image's caption: its sidecar, else its CSV row (when writing the CSV); "" when it has none."""
-        caption = _read_sidecar(image.with_suffix(SIDECAR_EXTENSION))
+        """The image's caption: its sidecar, else its CSV row (when writing the CSV); "" when it has none.
+
+        Raises:
+            CaptionFileError: the sidecar cannot be read.
+        """
+        caption = read_sidecar(image.with_suffix(SIDECAR_EXTENSION))
         if not caption and self.csv_rows is not None:
             caption = self.csv_rows.get(_csv_key(image, Path(self.options.csv_path)), "")
         return caption
 
     def write(self, image: Path, caption: str) -> None:
         if self.options.write_txt:
-            write_atomic(image.with_suffix(SIDECAR_EXTENSION), caption)
+            write_text_atomic(image.with_suffix(SIDECAR_EXTENSION), caption)
         if self.csv_rows is not None:
             self.csv_rows[_csv_key(image, Path(self.options.csv_path))] = caption
         self.report.captioned += 1
@@ -381,8 +326,8 @@ def _plan(run: _Run, images: List[Path]) -> List[Tuple[Path, str]]:
         claimed[sidecar] = image
         try:
             existing = run.existing(image)
-        except CaptionError as error:
-            run.report.failed.append((image, str(error)))
+        except CaptionFileError as error:
+            run.report.failed.append((image, f"{sidecar.name}: {error}"))
             continue
         if existing and run.options.mode == "skip":
             run.report.skipped += 1
@@ -400,11 +345,11 @@ def _stop_requested(stop: Optional[StopFlag]) -> bool:
 def _caption_batch(run: _Run, jobs: List[Tuple[Path, str]]) -> None:
     opened = []
     for path, existing in jobs:
-        image, reason = _open_image(path)
+        image, reason = probe_image(path)
         if image is None:
             run.report.failed.append((path, reason))
         else:
-            opened.append((path, existing, image))
+            opened.append((path, existing, to_rgb(image)))
     generated = run.captioner.caption([image for _, _, image in opened]) if opened else []
     for (path, existing, _), text in zip(opened, generated):
         if not text:

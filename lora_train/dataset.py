@@ -9,6 +9,8 @@ Captions come from a sidecar file `<stem><caption_extension>` and/or a CSV (`met
 `<train_data_dir>/metadata.csv`) with a filename column (filename, file_name or image) and a caption column
 (prompt, text or caption), filenames relative to the CSV's folder. **The sidecar wins over the CSV row for the
 same image**; an empty sidecar counts as no sidecar. An image with no caption is kept with an empty caption.
+Caption files are read with `lora_train.captions_io` and images opened with `lora_train.images`, the same
+modules auto-captioning (`lora_train.captioning`) writes and reads them with.
 
 Images go to kohya-style aspect-ratio buckets (or one square when bucketing is off); `Dataset` hands out
 single-bucket batches per epoch, pixels resized to cover the bucket and centre-cropped, and captions with
@@ -21,9 +23,7 @@ bucket that fits the resolution settings, or a CSV that cannot be read. Source f
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import random
 import re
 from collections import Counter
@@ -33,19 +33,17 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from lora_train.captions_io import CaptionFileError, read_metadata_csv, read_sidecar
 from lora_train.config import DataConfig
+from lora_train.images import IMAGE_EXTENSIONS, open_rgb, probe_image, walk_files
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IGNORED_EXTENSIONS = (".txt", ".csv", ".json", ".yaml", ".yml", ".npz", ".safetensors")
-FILENAME_COLUMNS = ("filename", "file_name", "image")
-CAPTION_COLUMNS = ("prompt", "text", "caption")
 DEFAULT_CSV_NAME = "metadata.csv"
 BUCKET_STEP = 64
 SUMMARY_LIST_LIMIT = 20
 REPEAT_FOLDER = re.compile(r"^(\d+)_.+")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 Bucket = Tuple[int, int]
 
@@ -139,10 +137,7 @@ class Dataset:
     def load_pixels(self, index: int, flip: bool = False) -> torch.Tensor:
         """The image resized to cover its bucket and centre-cropped: float32 [3, H, W] in [-1, 1]."""
         sample = self.samples[index]
-        with Image.open(sample.path) as image:
-            image.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-        fitted = _cover_crop(rgb, sample.bucket)
+        fitted = _cover_crop(open_rgb(sample.path), sample.bucket)
         if flip:
             fitted = ImageOps.mirror(fitted)
         array = np.asarray(fitted, dtype=np.float32) / 127.5 - 1.0
@@ -179,15 +174,6 @@ def _split_tags(caption: str) -> List[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; anything with transparency is composited on white."""
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _cover_crop(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Lanczos-resizes the image until it covers the bucket, then crops the centre to exactly the bucket."""
     width, height = bucket
@@ -218,15 +204,11 @@ def nearest_bucket(size: Tuple[int, int], buckets: List[Bucket]) -> Bucket:
 
 
 def _walk_files(root: Path, skipped: List[Tuple[str, str]]) -> List[Path]:
-    """Every file under root, sorted; hidden folders are not entered, unreadable ones are reported."""
+    """Every visible file under root, sorted; hidden folders are not entered, unreadable ones are reported."""
     def report(error: OSError) -> None:
         skipped.append((_relative(Path(error.filename), root), f"folder cannot be read: {error.strerror}"))
 
-    found = []
-    for folder, dirnames, filenames in os.walk(root, onerror=report):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        found.extend(Path(folder) / name for name in filenames)
-    return sorted(found)
+    return walk_files(root, recursive=True, onerror=report)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -248,7 +230,7 @@ def _scan(root: Path, config: DataConfig, skipped: List[Tuple[str, str]]) -> Lis
     found = []
     for path in _walk_files(root, skipped):
         rel, suffix = _relative(path, root), path.suffix.lower()
-        if path.name.startswith(".") or suffix in ignored:
+        if suffix in ignored:
             continue
         if suffix not in IMAGE_EXTENSIONS:
             skipped.append((rel, f"not a supported image type: {suffix or '(no extension)'}"))
@@ -262,64 +244,13 @@ def _scan(root: Path, config: DataConfig, skipped: List[Tuple[str, str]]) -> Lis
     return found
 
 
-def _probe_image(path: Path) -> Tuple[Optional[Tuple[int, int]], str]:
-    """(upright width and height, "") after a full decode, or (None, why the image cannot be used)."""
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty file: 0 bytes"
-        with Image.open(path) as image:
-            image.load()
-            size = ImageOps.exif_transpose(image).size
-    except UnidentifiedImageError:
-        return None, "unreadable image: not in a recognised image format"
-    except DECODE_ERRORS as error:
-        return None, f"unreadable image: {error}"
-    if 0 in size:
-        return None, "unreadable image: it has no pixels"
-    return size, ""
-
-
 def _read_sidecar(found: _Found, extension: str, skipped: List[Tuple[str, str]]) -> str:
     """The stripped sidecar caption, or "" when there is none; an unreadable one is reported."""
-    path = found.path.with_suffix(extension)
-    if not path.is_file():
+    try:
+        return read_sidecar(found.path.with_suffix(extension))
+    except CaptionFileError as error:
+        skipped.append((PurePosixPath(found.rel).with_suffix(extension).as_posix(), str(error)))
         return ""
-    rel = PurePosixPath(found.rel).with_suffix(extension).as_posix()
-    try:
-        return path.read_text(encoding="utf-8-sig").strip()
-    except UnicodeDecodeError as error:
-        skipped.append((rel, f"caption is not UTF-8 text ({error.reason}); save it as UTF-8"))
-    except OSError as error:
-        skipped.append((rel, f"caption cannot be read: {error.strerror}"))
-    return ""
-
-
-def read_metadata_csv(path: Path) -> Dict[str, str]:
-    """{filename relative to the CSV's folder, in / form: stripped caption}; the last row wins for a repeated file.
-
-    Raises:
-        DatasetError: the file is not UTF-8 CSV or has no recognisable header row.
-    """
-    path = Path(path)
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle))
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise DatasetError(f"{path}: cannot be read as UTF-8 CSV ({error}); save it as UTF-8 CSV") from None
-    header = [cell.strip().lower() for cell in rows[0]] if rows else []
-    name_col = next((header.index(name) for name in FILENAME_COLUMNS if name in header), None)
-    text_col = next((header.index(name) for name in CAPTION_COLUMNS if name in header), None)
-    if name_col is None or text_col is None:
-        raise DatasetError(
-            f"{path}: the first row must name a filename column ({', '.join(FILENAME_COLUMNS)}) and a caption "
-            f"column ({', '.join(CAPTION_COLUMNS)}); found {', '.join(header) or 'no header'}")
-    captions = {}
-    for row in rows[1:]:
-        name = row[name_col].strip() if len(row) > name_col else ""
-        if name:
-            key = PurePosixPath(name.replace("\\", "/")).as_posix()
-            captions[key] = row[text_col].strip() if len(row) > text_col else ""
-    return captions
 
 
 def _metadata_path(config: DataConfig) -> Optional[Path]:
@@ -333,11 +264,18 @@ def _metadata_path(config: DataConfig) -> Optional[Path]:
 
 
 def _csv_rows(csv_path: Optional[Path]) -> Dict[Path, Tuple[str, str]]:
-    """{resolved image path: (filename as written, caption)} from the CSV, empty without one."""
+    """{resolved image path: (filename as written, caption)} from the CSV, empty without one.
+
+    Raises:
+        DatasetError: the file is not UTF-8 CSV or has no recognisable header row.
+    """
     if csv_path is None:
         return {}
-    folder = csv_path.parent
-    return {(folder / name).resolve(): (name, caption) for name, caption in read_metadata_csv(csv_path).items()}
+    try:
+        captions = read_metadata_csv(csv_path)
+    except CaptionFileError as error:
+        raise DatasetError(str(error)) from None
+    return {(csv_path.parent / name).resolve(): (name, caption) for name, caption in captions.items()}
 
 
 def _assign_captions(images: List[_Found], config: DataConfig, csv_name: str, rows: Dict[Path, Tuple[str, str]],
@@ -399,12 +337,12 @@ def load_dataset(config: DataConfig) -> Dataset:
     skipped: List[Tuple[str, str]] = []
     usable, sizes = [], []
     for found in _scan(root, config, skipped):
-        size, reason = _probe_image(found.path)
-        if size is None:
+        image, reason = probe_image(found.path)
+        if image is None:
             skipped.append((found.rel, reason))
         else:
             usable.append(found)
-            sizes.append(size)
+            sizes.append(image.size)
     if not usable:
         raise _no_usable_image(root, skipped)
     captions, report = _assign_captions(usable, config, csv_path.name if csv_path else "", csv_rows, skipped)

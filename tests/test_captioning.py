@@ -20,8 +20,10 @@ from PIL import Image  # noqa: E402
 
 from lora_train import bench_caption, cli_caption  # noqa: E402
 from lora_train.captioning import (CaptionError, CaptionOptions, FolderOptions, caption_folder,  # noqa: E402
-                                   create_captioner, load_image, read_caption_csv, write_atomic)
-from tiny_captioners import build_tiny_blip, build_tiny_git, open_rgb, write_images  # noqa: E402
+                                   create_captioner, read_caption_csv)
+from lora_train.captions_io import read_metadata_csv, write_text_atomic  # noqa: E402
+from lora_train.images import open_rgb  # noqa: E402
+from tiny_captioners import build_tiny_blip, build_tiny_git, write_images  # noqa: E402
 
 NAMES = ["a.png", "b.jpg", "c.jpeg", "d.webp", "e.bmp", "f.png"]
 GREEDY = {"num_beams": 1, "max_length": 20, "min_length": 5, "device": "cpu"}
@@ -226,7 +228,7 @@ def test_csv_round_trips_through_the_dataset_reader(blip, images):
     csv_path = images / "metadata.csv"
     caption_folder(images, blip, FolderOptions(write_txt=False, csv_path=csv_path, prefix='sks, "q", '))
     ours = read_caption_csv(csv_path)
-    assert dataset.read_metadata_csv(csv_path) == ours and len(ours) == len(NAMES)
+    assert read_metadata_csv(csv_path) == ours and len(ours) == len(NAMES)
     loaded = dataset.load_dataset(DataConfig(train_data_dir=str(images), metadata_path=str(csv_path)))
     assert {sample.path.name: sample.caption for sample in loaded.samples} == ours
 
@@ -256,10 +258,10 @@ def test_exif_orientation_and_rgb(tmp_path):
     Image.new("RGB", (40, 20), "red").save(tmp_path / "rotated.jpg", exif=exif)
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     Image.new("L", (8, 8), 128).save(tmp_path / "grey.png")
-    assert load_image(tmp_path / "rotated.jpg").size == (20, 40)
-    clear = load_image(tmp_path / "clear.png")
+    assert open_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+    clear = open_rgb(tmp_path / "clear.png")
     assert clear.mode == "RGB" and clear.getpixel((0, 0)) == (255, 255, 255)
-    assert load_image(tmp_path / "grey.png").mode == "RGB"
+    assert open_rgb(tmp_path / "grey.png").mode == "RGB"
 
 
 def test_atomic_write_leaves_no_temp_file_when_replace_fails(tmp_path, monkeypatch):
@@ -271,7 +273,7 @@ def test_atomic_write_leaves_no_temp_file_when_replace_fails(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(target, "new")
+        write_text_atomic(target, "new")
     assert target.read_text(encoding="utf-8") == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 

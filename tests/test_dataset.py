@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_train.captions_io import read_metadata_csv
 from lora_train.config import DataConfig
-from lora_train.dataset import (Dataset, DatasetError, load_dataset, make_buckets, nearest_bucket,
-                                read_metadata_csv)
+from lora_train.dataset import Dataset, DatasetError, load_dataset, make_buckets, nearest_bucket
 
 RESOLUTION = 128
 MIN_RESO = 64

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import List
 
 import torch
-from PIL import Image
 from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
 
 from lora_train.bench_caption import (TINY_IMAGE_SIZE, build_tiny_blip, make_bench_images, tiny_text_config,
                                       tiny_vision_config, write_tiny_tokenizer)
 
-__all__ = ["build_tiny_blip", "build_tiny_git", "open_rgb", "write_images"]
+__all__ = ["build_tiny_blip", "build_tiny_git", "write_images"]
 
 
 def build_tiny_git(folder: Path, seed: int = 0) -> Path:
@@ -27,7 +26,7 @@ def build_tiny_git(folder: Path, seed: int = 0) -> Path:
     config = GitConfig(vision_config=tiny_vision_config(), bos_token_id=tokenizer.cls_token_id,
                        initializer_range=0.3, **tiny_text_config(tokenizer))
     torch.manual_seed(seed)
-    GitForCausalLM(config).save_pretrained(folder)
+    GitForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
                                          crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     GitProcessor(image_processor, tokenizer).save_pretrained(folder)
@@ -44,8 +43,3 @@ def write_images(folder: Path, names: List[str], size: int = 48) -> List[Path]:
         image.save(path)
         paths.append(path)
     return paths
-
-
-def open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
