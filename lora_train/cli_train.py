@@ -19,8 +19,10 @@ from .config import ConfigError, TrainConfig, load_config
 from .dataset import DatasetError, load_dataset
 from .export import OutputExistsError
 from .models.diffusers import ModelLoadError
+from .trainer import TrainingDivergedError
 
-USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError)
+USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
+               TrainingDivergedError)
 
 
 def add_parser(subparsers) -> None:
@@ -131,6 +133,8 @@ def _print_summary(result) -> None:
     final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     lines = [f"training {result.state}: {result.steps}/{result.total_steps} steps in {result.seconds:.1f} s, "
              f"final loss {final}"]
+    if result.skipped_steps:
+        lines.append(f"skipped:     {result.skipped_steps} steps with non-finite gradients (not applied)")
     if result.lora_path:
         lines.append(f"LoRA:        {result.lora_path}")
     lines += [f"epoch file:  {path}" for path in result.epoch_files]

@@ -164,6 +164,7 @@ class OutputConfig:
     save_every_n_epochs: int = 0  # also write NAME-000N.safetensors every N epochs; 0 = off
     save_precision: str = "fp16"  # fp16 | bf16 | fp32 tensors in the .safetensors file
     logging_dir: Optional[str] = None  # TensorBoard event files; None = <output_dir>/logs
+    checkpoint_dir: Optional[str] = None  # resumable checkpoints; None = <output_dir>/checkpoints
     overwrite: bool = False  # replace an existing NAME.safetensors instead of refusing
 
     def validate(self, section: str = "output") -> None:
@@ -182,6 +183,10 @@ class OutputConfig:
     @property
     def log_dir(self) -> Path:
         return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir) / "checkpoints"
 
 
 @dataclass
@@ -205,7 +210,7 @@ class TrainConfig:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "output": OutputConfig}
 PATH_KEYS = {"data": ("train_data_dir", "metadata_path"), "model": ("base_model",),
-             "training": ("resume_from_checkpoint",), "output": ("output_dir", "logging_dir")}
+             "training": ("resume_from_checkpoint",), "output": ("output_dir", "logging_dir", "checkpoint_dir")}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

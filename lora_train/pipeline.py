@@ -35,6 +35,7 @@ class TrainResult:
     log_dir: Path
     epoch_files: List[Path] = field(default_factory=list)
     checkpoints: List[Path] = field(default_factory=list)
+    skipped_steps: int = 0  # steps whose gradients were not finite and were not applied
 
 
 def build_network(config: TrainConfig, model) -> LoRANetwork:
@@ -109,4 +110,4 @@ def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
     return TrainResult(state=state, lora_path=path, steps=trainer.position.step, total_steps=trainer.total_steps,
                        losses=list(trainer.position.losses), seconds=time.perf_counter() - started,
                        log_dir=output.log_dir, epoch_files=artifacts.epoch_files,
-                       checkpoints=artifacts.checkpoints)
+                       checkpoints=artifacts.checkpoints, skipped_steps=trainer.skipped_steps)

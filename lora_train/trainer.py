@@ -3,13 +3,14 @@
 It knows the diffusion maths and the `DiffusionModel` protocol, nothing about the WebUI or a model family.
 Every random draw of micro-step k comes from generators seeded with (seed, k), so a run is deterministic for a
 seed and a resumed run continues exactly where the checkpoint left off. Progress goes to callbacks
-`fn(event, trainer)` with events "cache", "step", "epoch", "checkpoint"; `request_stop("save"|"discard")` is
+`fn(event, trainer)` with events "cache", "start", "step", "epoch", "checkpoint"; `request_stop("save"|"discard")` is
 honoured before the next micro-batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -26,7 +27,9 @@ from .losses import diffusion_target, min_snr_weight, noisy_latents
 from .optim import build_optimizer, build_scheduler
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
 
+logger = logging.getLogger(__name__)
 Callback = Callable[[str, "Trainer"], None]
+MAX_CONSECUTIVE_SKIPS = 3
 STOP_MODES = ("save", "discard")
 
 
@@ -50,6 +53,10 @@ def _micro_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step) % (2 ** 63)
 
 
+class TrainingDivergedError(ValueError):
+    """The loss stopped being a finite number; the message says what to change."""
+
+
 class Trainer:
     """Trains a LoRANetwork already attached to a model in its training() context."""
 
@@ -71,6 +78,7 @@ class Trainer:
         self.stop_mode: Optional[str] = None
         self.latent_cache: Dict[Tuple[int, bool], torch.Tensor] = {}
         self.last_checkpoint: Optional[Path] = None
+        self.skipped_steps = self.consecutive_skips = 0
         self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
         self._callbacks: List[Callback] = []
 
@@ -100,6 +108,7 @@ class Trainer:
             self.resume(Path(self.config.training.resume_from_checkpoint))
         if self.config.training.cache_latents:
             self.cache_latents()
+        self._trigger("start")
         started, start_step = time.perf_counter(), self.position.step
         while self.position.step < self.total_steps and self.stop_mode is None:
             self._train_step()
@@ -138,9 +147,10 @@ class Trainer:
     def _train_step(self) -> None:
         group = self._micro_batches()
         losses = [self._micro_step(micro_step, indices, len(group)) for micro_step, _, indices in group]
+        loss = sum(losses) / len(losses)
         self._optimizer_step()
         self.position.step += 1
-        self.position.losses.append(sum(losses) / len(losses))
+        self.position.losses.append(loss)
         self.info.step, self.info.epoch = self.position.step, group[-1][1]
         self.info.loss, self.info.lr = self.position.losses[-1], self.scheduler.get_last_lr()[0]
 
@@ -154,8 +164,23 @@ class Trainer:
         with self._autocast():
             cond = self._encode_prompts(captions, indices)
             loss = self._loss(latents, cond, generator)
+        if not torch.isfinite(loss):
+            raise self._diverged(loss, cond, indices)
         self.scaler.scale(loss / group_size).backward()
         return loss.item()
+
+    def _diverged(self, loss: torch.Tensor, cond, indices: List[int]) -> "TrainingDivergedError":
+        """Says which part produced the non-number, and for which images, so the user knows what to fix."""
+        names = ", ".join(self.dataset.samples[i].path.name for i in indices)
+        step = self.position.step + 1
+        tensors = cond.values() if isinstance(cond, dict) else [cond]
+        if not all(torch.isfinite(t).all() for t in tensors):
+            return TrainingDivergedError(
+                f"the text encoder's output was not a number at step {step} for the captions of {names}; "
+                "the checkpoint also fails to generate with these captions: shorten or fix them")
+        return TrainingDivergedError(
+            f"the loss became {loss.item()} at step {step} (images {names}); lower training.learning_rate "
+            "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16")
 
     def _loss(self, latents: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         train = self.config.training
@@ -187,14 +212,31 @@ class Trainer:
         return self.model.encode_images(pixels).float()
 
     def _optimizer_step(self) -> None:
+        """Clips and applies the gradients; a step whose gradients are not finite is skipped, not applied.
+
+        fp16's GradScaler skips such steps by itself (and lowers its scale); in fp32/bf16 one infinite value
+        would turn every adapter weight into NaN, so the step is dropped here, and three in a row stop the run.
+        """
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scaler.unscale_(self.optimizer)
-        if self.config.training.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.training.max_grad_norm)
-        self.scaler.step(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.training.max_grad_norm or float("inf"))
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            self._skip_step()
+        else:
+            self.consecutive_skips = 0
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def _skip_step(self) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        logger.warning("step %d: gradients are not finite; the step is skipped", self.position.step + 1)
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingDivergedError(
+                f"gradients were not finite for {MAX_CONSECUTIVE_SKIPS} steps in a row (at step "
+                f"{self.position.step + 1}); lower training.learning_rate or use mixed_precision bf16")
 
     def cache_latents(self) -> None:
         """Encodes every (image, flip) once; the VAE is then not needed during training."""
@@ -215,7 +257,7 @@ class Trainer:
 
     def checkpoint_dir(self) -> Path:
         output = self.config.output
-        return Path(output.output_dir) / "checkpoints" / f"{output.output_name}-step{self.position.step:06d}"
+        return output.checkpoints_dir / f"{output.output_name}-step{self.position.step:06d}"
 
     def save_checkpoint(self) -> Path:
         extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}

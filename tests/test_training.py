@@ -196,3 +196,37 @@ def test_existing_lora_stops_the_run_before_training(tiny_checkpoint, sample_ima
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "already exists" in err[-1]
     assert config.output.lora_path.read_bytes() == b"an earlier LoRA"
+
+
+class InfiniteGradients:
+    """Trainer callback: at the start, makes one adapter's gradient infinite for the first `times` backwards."""
+
+    def __init__(self, times: int):
+        self.times = times
+
+    def __call__(self, event, trainer):
+        if event == "start":
+            parameter = next(iter(trainer.network.parameters()))
+            parameter.register_hook(self._poison)
+
+    def _poison(self, grad):
+        if self.times:
+            self.times -= 1
+            return grad * float("inf")
+        return grad
+
+
+def test_a_step_with_infinite_gradients_is_skipped_not_applied(tiny_checkpoint, sample_images, tmp_path):
+    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=4)
+    result = train_lora(config, load_diffusers_model(str(tiny_checkpoint)), callbacks=[InfiniteGradients(1)])
+    assert result.state == "done" and result.skipped_steps == 1
+    assert all(torch.isfinite(v).all() for v in final_tensors(result).values())
+
+
+def test_gradients_infinite_three_steps_in_a_row_stop_the_run(tiny_checkpoint, sample_images, tmp_path):
+    from lora_train.trainer import TrainingDivergedError
+
+    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=6)
+    with pytest.raises(TrainingDivergedError, match="not finite for 3 steps in a row"):
+        train_lora(config, load_diffusers_model(str(tiny_checkpoint)), callbacks=[InfiniteGradients(10)])
+    assert not config.output.lora_path.exists()
