@@ -1,0 +1,161 @@
+"""What the tab's buttons do, without gradio: plain functions over folders, caption rows and jobs.
+
+Caption rows are `[[relative image path, caption], ...]` as the editable grid holds them. Edits stay in the
+grid until "Save captions", which writes only the sidecars whose text changed (atomically) and never a path
+outside the image folder. Long work runs as a job in the shared `JobRunner`; the tab polls its snapshot.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..captions_io import read_sidecar, write_text_atomic
+from ..config import ConfigError, DataConfig, TrainConfig, config_from_dict, load_config, save_config
+from ..dataset import load_dataset
+from ..jobs import JobRunner
+
+Rows = List[List[str]]
+SIDECAR = ".txt"
+
+
+def scan_folder(folder: str) -> Tuple[str, Rows, List[Tuple[str, str]]]:
+    """(report markdown, caption rows, gallery items) for an image folder; errors become the report."""
+    if not folder or not Path(folder).is_dir():
+        return f"**{html.escape(folder or 'No folder')}** is not a folder: enter the folder that holds your images.", [], []
+    try:
+        dataset = load_dataset(DataConfig(train_data_dir=folder))
+    except ValueError as error:
+        return f"**Cannot use this folder:** {html.escape(str(error))}", [], []
+    root = Path(folder)
+    rows = [[sample.path.relative_to(root).as_posix(), sample.caption] for sample in dataset.samples]
+    gallery = [(str(sample.path), sample.caption or "(no caption)") for sample in dataset.samples]
+    report = html.escape(dataset.report.summary()).replace("\n", "  \n")
+    return f"**{len(rows)} images.** {report}", rows, gallery
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    path = (folder / relative).resolve()
+    if folder.resolve() not in path.parents:
+        raise ValueError(f"{relative!r} is not inside the image folder")
+    return path
+
+
+def save_captions(folder: str, rows: Rows) -> str:
+    """Writes the sidecar of every row whose caption differs from the file; returns what was done."""
+    root, written = Path(folder), 0
+    for relative, caption in _clean(rows):
+        sidecar = _inside(root, relative).with_suffix(SIDECAR)
+        if sidecar.is_file() and read_sidecar(sidecar) == caption.strip():
+            continue
+        write_text_atomic(sidecar, caption.strip())
+        written += 1
+    return f"Saved {written} changed caption{'s' if written != 1 else ''} ({len(rows)} images)."
+
+
+def _clean(rows: Any) -> Rows:
+    """Grid rows as [path, caption] strings (a DataFrame's rows or lists), without empty rows."""
+    values = rows.values.tolist() if hasattr(rows, "values") else rows or []
+    return [[str(row[0]), "" if row[1] is None else str(row[1])] for row in values if row and str(row[0]).strip()]
+
+
+def replace_text(rows: Any, find: str, replacement: str) -> Rows:
+    if not find:
+        return _clean(rows)
+    return [[path, caption.replace(find, replacement)] for path, caption in _clean(rows)]
+
+
+def add_trigger(rows: Any, trigger: str) -> Rows:
+    """Puts the trigger word first in every caption that does not start with it already."""
+    trigger = trigger.strip().strip(",").strip()
+    if not trigger:
+        return _clean(rows)
+    return [[path, caption if _tags(caption)[:1] == [trigger] else ", ".join([trigger, *_tags(caption)])]
+            for path, caption in _clean(rows)]
+
+
+def remove_trigger(rows: Any, trigger: str) -> Rows:
+    trigger = trigger.strip().strip(",").strip()
+    return [[path, ", ".join(tag for tag in _tags(caption) if tag != trigger)] for path, caption in _clean(rows)]
+
+
+def _tags(caption: str) -> List[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def list_presets(folder: Path) -> List[str]:
+    return ["default", *sorted(path.stem for path in Path(folder).glob("*.yaml"))]
+
+
+def load_preset(folder: Path, name: str) -> TrainConfig:
+    from ..config import DEFAULT_CONFIG_PATH
+
+    return load_config(DEFAULT_CONFIG_PATH if name in ("", "default") else Path(folder) / f"{name}.yaml")
+
+
+def save_preset(folder: Path, name: str, values: Dict[str, Dict[str, Any]]) -> str:
+    name = name.strip()
+    if not name or name == "default" or any(c in name for c in '/\\:*?"<>|.'):
+        raise ConfigError(f"preset name {name!r}: use a plain name (letters, digits, - and _), not 'default'")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_config(config_from_dict(values), Path(folder) / f"{name}.yaml")
+    return name
+
+
+def estimate(config: TrainConfig, seconds_per_step: Optional[float]) -> str:
+    """Steps, images and buckets for the settings, and the time when a step has been measured before."""
+    dataset = load_dataset(config.data)
+    train = config.training
+    per_epoch = -(-dataset.steps_per_epoch(train.batch_size) // train.gradient_accumulation_steps)
+    total = train.max_train_steps or per_epoch * train.epochs
+    buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(dataset.bucket_counts().items()))
+    time = (f"about {total * seconds_per_step / 60:.1f} min at the last run's {seconds_per_step:.2f} s/step"
+            if seconds_per_step else "time: shown once the first steps have run")
+    return (f"**{total} steps** ({per_epoch} per epoch x {train.epochs} epochs"
+            f"{', capped by max_train_steps' if train.max_train_steps else ''}); "
+            f"{len(dataset.samples)} images, {sum(s.repeats for s in dataset.samples)} with repeats; "
+            f"buckets {buckets}; {time}.")
+
+
+def job_view(runner: JobRunner, kind: str) -> Dict[str, Any]:
+    """The latest job of a kind as the tab shows it: a status line, losses, previews, the result."""
+    job = runner.latest(kind)
+    if job is None:
+        return {"status": "No job yet.", "losses": [], "previews": [], "running": False, "status_raw": None}
+    status = job.snapshot()
+    line = status["message"] or status["state"]
+    if status["state"] == "failed":
+        line = f"**Failed:** {html.escape(status['error'] or '')}"
+    elif status["state"] in ("done", "stopped"):
+        line = f"**{status['state'].capitalize()}.** {html.escape(status['message'])}"
+    report = status.get("report") or {}
+    return {"status": line, "losses": status["losses"], "previews": report.get("previews", []),
+            "running": status["state"] == "running", "status_raw": status}
+
+
+def result_markdown(status: Optional[Dict[str, Any]]) -> str:
+    if not status or status["kind"] != "train" or status["state"] == "running":
+        return ""
+    report = status.get("report") or {}
+    if not status.get("output"):
+        return "Nothing was saved." if status["state"] != "failed" else ""
+    check = report.get("verification") or {}
+    return (f"Saved **{html.escape(status['output'])}** after {report.get('steps')} steps "
+            f"({report.get('seconds')} s). The WebUI's Lora loader placed {check.get('matched')} of "
+            f"{check.get('stems')} layers: {len(check.get('unmatched', []))} unmatched keys. "
+            f"Logs: {html.escape(str(report.get('log_dir')))}")
+
+
+def _tag_pattern(name: str) -> "re.Pattern":
+    return re.compile(rf"<lora:{re.escape(name)}(:[^>]*)?>\s*,?\s*")
+
+
+def with_lora(prompt: str, name: str, weight: float) -> str:
+    """The prompt with <lora:name:weight> in front (replacing any tag of that LoRA already in it)."""
+    return f"<lora:{name}:{weight:g}>, {without_lora(prompt, name)}".rstrip(", ")
+
+
+def without_lora(prompt: str, name: str) -> str:
+    return _tag_pattern(name).sub("", prompt).strip().strip(",").strip()

@@ -1,0 +1,185 @@
+"""The WebUI's two jobs, shared by the tab and the HTTP API: caption a folder, train the loaded checkpoint.
+
+Each `*_job` function checks its request synchronously (so the caller can answer 422 at once) and returns the
+work function that `JobRunner.start` runs in its thread. Training lands the LoRA in the WebUI's Lora folder,
+checks it with the WebUI's own loader, refreshes the Lora list and drops cached conditioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ..captioning import CaptionOptions, FolderOptions, caption_folder, create_captioner
+from ..config import ConfigError, TrainConfig, config_from_dict
+from ..export import check_free
+from ..jobs import Job, JobResult
+from ..pipeline import train_lora
+from .host import WebUIHost
+
+Work = Callable[[Job], JobResult]
+
+
+@dataclass
+class PreviewOptions:
+    every_n_steps: int = 0  # 0 = no previews
+    prompt: str = ""  # empty: the first training caption
+    seed: int = 1234  # one seed for every preview, so they compare
+    steps: int = 20
+    width: Optional[int] = None  # None: the training resolution
+    height: Optional[int] = None
+
+
+def prepare_train_config(values: Dict[str, Any], host: WebUIHost) -> TrainConfig:
+    """The config for a WebUI run: the loaded checkpoint, the LoRA in the Lora folder, work files outside it.
+
+    Raises:
+        ConfigError: a bad key or value, a base_model (the WebUI trains what it has loaded), or a LoRA file of
+            that name already in the Lora folder without output.overwrite.
+    """
+    config = config_from_dict(values)
+    if config.model.base_model:
+        raise ConfigError("model.base_model: the WebUI trains the checkpoint it has loaded; leave the key out "
+                          "and pick the checkpoint at the top of the page")
+    output = config.output
+    output.validate()
+    work = host.work_dir(output.output_name)
+    config.output = dataclasses.replace(
+        output, output_dir=str(host.lora_dir()), logging_dir=output.logging_dir or str(work / "logs"),
+        checkpoint_dir=output.checkpoint_dir or str(work / "checkpoints"))
+    config.validate(require_base_model=False)
+    try:
+        check_free(config.output.lora_path, config.output.overwrite)
+    except FileExistsError as error:
+        raise ConfigError(f"output.output_name: {error}") from None
+    return config
+
+
+class HostProgress:
+    """Trainer callback: job status, the WebUI's progress bar, stop requests from the job or Interrupt."""
+
+    def __init__(self, job: Job, host: WebUIHost):
+        self.job, self.host = job, host
+
+    def __call__(self, event: str, trainer) -> None:
+        info = trainer.info
+        if event == "cache":
+            text = f"caching latents {info.cached}/{info.cache_total}"
+            self.job.update(message=text)
+            self.host.report(0, info.total_steps, text)
+        elif event == "step":
+            text = (f"step {info.step}/{info.total_steps}, loss {info.loss:.4f}, "
+                    f"{1 / max(info.seconds_per_step, 1e-9):.2f} it/s, ETA {info.eta_s:.0f} s")
+            self.job.update(step=info.step, total_steps=info.total_steps, loss=info.loss, eta_s=info.eta_s,
+                            losses=list(trainer.position.losses), message=text)
+            self.host.report(info.step, info.total_steps, text)
+        if trainer.stop_mode is None and (self.job.stop_mode or self.host.interrupted()):
+            trainer.request_stop(self.job.stop_mode or "save")
+
+
+class Previews:
+    """Trainer callback: an image from the WebUI's sampler at the start and every N steps, same seed."""
+
+    def __init__(self, host: WebUIHost, options: PreviewOptions, folder: Path, job: Job):
+        self.host, self.options, self.folder, self.job = host, options, folder, job
+        self.paths: List[str] = []
+
+    def __call__(self, event: str, trainer) -> None:
+        every, step = self.options.every_n_steps, trainer.position.step
+        if not every or not (event == "start" or (event == "step" and step % every == 0)):
+            return
+        prompt = self.options.prompt or trainer.dataset.samples[0].caption
+        size = trainer.config.data.resolution
+        trainer.network.eval()
+        try:
+            image = self.host.generate(prompt, self.options.seed, self.options.steps, self.options.width or size,
+                                       self.options.height or size)
+        finally:
+            trainer.network.train()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:06d}.png"
+        image.save(path)
+        self.paths.append(str(path))
+        self.host.show_image(image)
+        self.job.update(report={"previews": list(self.paths)})
+
+
+def train_job(values: Dict[str, Any], host: WebUIHost, preview: Optional[PreviewOptions] = None,
+              task_id: Optional[str] = None) -> Work:
+    """Checks the request now; returns the work that trains and verifies."""
+    config = prepare_train_config(values, host)
+    host.check_trainable()
+    preview = preview or PreviewOptions()
+
+    def work(job: Job) -> JobResult:
+        previews = Previews(host, preview, config.output.log_dir.parent / "previews", job)
+        with host.exclusive("lora_train", task_id):
+            result = train_lora(config, host.training_model(), callbacks=[HostProgress(job, host), previews])
+            report = {"steps": result.steps, "total_steps": result.total_steps, "losses": result.losses,
+                      "seconds": round(result.seconds, 1), "log_dir": str(result.log_dir),
+                      "previews": previews.paths, "epoch_files": [str(p) for p in result.epoch_files],
+                      "checkpoints": [str(p) for p in result.checkpoints], "discarded": result.lora_path is None,
+                      "skipped_steps": result.skipped_steps}
+            if result.lora_path is not None:
+                report["verification"] = dataclasses.asdict(host.verify_lora(result.lora_path))
+                host.refresh_loras()
+            host.clear_cond_cache()
+        _raise_if_unmatched(report.get("verification"), result.lora_path)
+        state = "done" if result.state == "done" else "stopped"
+        return JobResult(state=state, output=str(result.lora_path) if result.lora_path else None, report=report)
+    return work
+
+
+def _raise_if_unmatched(verification: Optional[Dict[str, Any]], path: Optional[Path]) -> None:
+    if verification and verification["unmatched"]:
+        names = ", ".join(verification["unmatched"][:5])
+        raise RuntimeError(f"{path} was saved, but the WebUI's Lora loader could not place "
+                           f"{len(verification['unmatched'])} of its layers ({names}); please report this")
+
+
+@dataclass
+class CaptionRequest:
+    input: str
+    model: str
+    batch_size: int = 8
+    prefix: str = ""
+    suffix: str = ""
+    mode: str = "skip"
+    output: Optional[str] = None  # a metadata.csv path; None: .txt sidecars
+    recursive: bool = False
+    max_length: int = CaptionOptions.max_length
+    min_length: int = CaptionOptions.min_length
+    num_beams: int = CaptionOptions.num_beams
+
+
+def caption_job(request: CaptionRequest, host: WebUIHost, task_id: Optional[str] = None) -> Work:
+    """Checks the request now (folder, options, model); returns the work that captions."""
+    if not Path(request.input).is_dir():
+        raise ConfigError(f"input: {request.input!r} is not a folder; give the folder that holds the images")
+    folder_options = FolderOptions(recursive=request.recursive, write_txt=request.output is None,
+                                   csv_path=Path(request.output) if request.output else None,
+                                   prefix=request.prefix, suffix=request.suffix, mode=request.mode)
+    folder_options.validate()
+    captioner = create_captioner(request.model, CaptionOptions(
+        batch_size=request.batch_size, max_length=request.max_length, min_length=request.min_length,
+        num_beams=request.num_beams))
+
+    def work(job: Job) -> JobResult:
+        def progress(done: int, total: int) -> None:
+            job.update(step=done, total_steps=total, message=f"captioned {done}/{total}")
+            host.report(done, total, f"captioning {done}/{total}")
+
+        with host.exclusive("lora_train_caption", task_id):
+            try:
+                report = caption_folder(request.input, captioner, folder_options, progress=progress,
+                                        stop=lambda: job.stop_mode is not None or host.interrupted())
+            finally:
+                captioner.unload()  # give the memory back to generation and training
+        summary = {"captioned": report.captioned, "skipped": report.skipped, "seconds": round(report.seconds, 2),
+                   "images_per_s": round(report.images_per_s, 2),
+                   "failed": [[str(path), reason] for path, reason in report.failed], "summary": report.summary()}
+        return JobResult(state="stopped" if report.stopped else "done",
+                         output=request.output or request.input, report=summary)
+    return work
