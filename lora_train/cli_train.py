@@ -19,10 +19,12 @@ from .config import ConfigError, TrainConfig, load_config
 from .dataset import DatasetError, load_dataset
 from .export import OutputExistsError
 from .models.diffusers import ModelLoadError
+from .pipeline import TrainingOutOfMemoryError
+from .preflight import MemoryPreflightError
 from .trainer import TrainingDivergedError
 
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
-               TrainingDivergedError)
+               TrainingDivergedError, MemoryPreflightError, TrainingOutOfMemoryError)
 
 
 def add_parser(subparsers) -> None:

@@ -122,6 +122,9 @@ class TrainingConfig:
     mixed_precision: str = "fp16"  # no | fp16 | bf16 on a GPU; the CPU always trains in fp32
     gradient_checkpointing: bool = False  # trade ~30% speed for much less activation memory
     cache_latents: bool = True  # encode every image once; turns off random flips per step
+    cache_latents_to_disk: bool = False  # keep cached latents in <output_dir>/latent_cache, not RAM (big sets)
+    cache_text_encoder_outputs: bool = True  # encode each caption once when the text encoder is not trained
+    compile: bool = False  # torch.compile the UNet: a slow first step, then faster steps
     noise_offset: float = 0.0  # adds offset noise (0.05-0.1 helps very dark/bright images)
     min_snr_gamma: Optional[float] = None  # Min-SNR loss weighting (5 is common); None = off
     seed: int = 42  # same seed, data and settings = same LoRA
@@ -183,6 +186,10 @@ class OutputConfig:
     @property
     def log_dir(self) -> Path:
         return Path(self.logging_dir) if self.logging_dir else Path(self.output_dir) / "logs"
+
+    @property
+    def latent_cache_dir(self) -> Path:
+        return Path(self.output_dir) / "latent_cache"
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -20,8 +20,13 @@ from .dataset import Dataset, load_dataset
 from .export import build_metadata, check_free, save_lora
 from .models import TargetSpec
 from .network import LoRANetwork, NetworkSpec, create_network
+from .preflight import check_device_memory, remedy_text
 from .tb_logger import TensorBoardLogger
 from .trainer import Callback, Trainer
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """The device ran out of memory mid-run; the model was restored and the message says what to change."""
 
 
 @dataclass
@@ -98,8 +103,15 @@ def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
     try:
         with _forked_rng(model.device), model.training(config.training.gradient_checkpointing,
                                                        config.model.train_text_encoder), attached(network):
+            largest = max(dataset.bucket_counts(), key=lambda bucket: bucket[0] * bucket[1])
+            check_device_memory(model, config, largest, sum(p.numel() for p in network.parameters()))
             network.train()
             trainer.run()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise TrainingOutOfMemoryError(
+            f"the GPU ran out of memory at step {trainer.position.step + 1}; the model is restored. Set "
+            f"{remedy_text(config)} (or close other programs using the GPU) and start again") from None
     finally:
         tensorboard.close()
     state = {None: "done", "save": "stopped", "discard": "discarded"}[trainer.stop_mode]

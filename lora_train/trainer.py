@@ -2,7 +2,9 @@
 
 It knows the diffusion maths and the `DiffusionModel` protocol, nothing about the WebUI or a model family.
 Every random draw of micro-step k comes from generators seeded with (seed, k), so a run is deterministic for a
-seed and a resumed run continues exactly where the checkpoint left off. Progress goes to callbacks
+seed and a resumed run continues exactly where the checkpoint left off. Latents and (when the text encoder is not
+trained) text-encoder outputs come from `encode_cache`, identical whether cached or not; when both are cached,
+the VAE and text encoder are offloaded for the loop and brought back exactly afterwards. Progress goes to callbacks
 `fn(event, trainer)` with events "cache", "start", "step", "epoch", "checkpoint"; `request_stop("save"|"discard")` is
 honoured before the next micro-batch.
 """
@@ -23,7 +25,9 @@ import torch.nn.functional as F
 
 from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
+from .models.common import offloaded
 from .optim import build_optimizer, build_scheduler
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
 
@@ -76,7 +80,12 @@ class Trainer:
         self.position = Position()
         self.info = StepInfo(total_steps=self.total_steps)
         self.stop_mode: Optional[str] = None
-        self.latent_cache: Dict[Tuple[int, bool], torch.Tensor] = {}
+        folder = config.output.latent_cache_dir if train.cache_latents_to_disk else None
+        self.latents = LatentCache(model, dataset, store=train.cache_latents, folder=folder)
+        self.texts = TextCache(model, store=train.cache_text_encoder_outputs and not config.model.train_text_encoder
+                               and not config.data.shuffle_captions)
+        self.alphas_cumprod = model.alphas_cumprod.to(self.device)
+        self.predict = torch.compile(model.predict) if train.compile else model.predict
         self.last_checkpoint: Optional[Path] = None
         self.skipped_steps = self.consecutive_skips = 0
         self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
@@ -106,15 +115,15 @@ class Trainer:
         """Trains until total_steps or a stop request; returns where it stopped."""
         if self.config.training.resume_from_checkpoint:
             self.resume(Path(self.config.training.resume_from_checkpoint))
-        if self.config.training.cache_latents:
-            self.cache_latents()
-        self._trigger("start")
-        started, start_step = time.perf_counter(), self.position.step
-        while self.position.step < self.total_steps and self.stop_mode is None:
-            self._train_step()
-            done = self.position.step - start_step
-            self.info.seconds_per_step = (time.perf_counter() - started) / done
-            self._after_step()
+        encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
+        with offloaded(encoders, self.device):
+            self._trigger("start")
+            started, start_step = time.perf_counter(), self.position.step
+            while self.position.step < self.total_steps and self.stop_mode is None:
+                self._train_step()
+                done = self.position.step - start_step
+                self.info.seconds_per_step = (time.perf_counter() - started) / done
+                self._after_step()
         return self.position
 
     def _after_step(self) -> None:
@@ -157,10 +166,10 @@ class Trainer:
     def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> float:
         seed = _micro_seed(self.config.training.seed, micro_step)
         rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # adapter dropout and VAE sampling draw from the global RNG
         flips = [self.config.data.flip_aug and rng.random() < 0.5 for _ in indices]
         captions = [self.dataset.caption_for(index, rng) for index in indices]
-        latents = self._latents(indices, flips)
+        latents = self._latents(indices, flips)  # before seeding: an uncached encode draws from the global RNG
+        torch.manual_seed(seed)  # adapter dropout draws from the global RNG
         with self._autocast():
             cond = self._encode_prompts(captions, indices)
             loss = self._loss(latents, cond, generator)
@@ -184,14 +193,14 @@ class Trainer:
 
     def _loss(self, latents: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         train = self.config.training
-        alphas_cumprod = self.model.alphas_cumprod
+        alphas_cumprod = self.alphas_cumprod
         noise = torch.randn(latents.shape, generator=generator)
         if train.noise_offset:
             noise += train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-        alpha_bar = alphas_cumprod.to(self.device)[timesteps]
-        prediction = self.model.predict(noisy_latents(latents, noise, alpha_bar), timesteps, cond)
+        alpha_bar = alphas_cumprod[timesteps]
+        prediction = self.predict(noisy_latents(latents, noise, alpha_bar), timesteps, cond)
         target = diffusion_target(latents, noise, alpha_bar, self.model.prediction)
         loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if train.min_snr_gamma:
@@ -202,14 +211,10 @@ class Trainer:
         sizes = [self.dataset.samples[i].bucket for i in indices]
         if self.config.model.train_text_encoder:
             return self.model.encode_prompts(captions, sizes)
-        with torch.no_grad():
-            return self.model.encode_prompts(captions, sizes)
+        return self.texts.encode(captions, sizes)
 
     def _latents(self, indices: List[int], flips: List[bool]) -> torch.Tensor:
-        if self.latent_cache:
-            return torch.stack([self.latent_cache[(i, f)] for i, f in zip(indices, flips)]).to(self.device)
-        pixels = torch.stack([self.dataset.load_pixels(i, f) for i, f in zip(indices, flips)])
-        return self.model.encode_images(pixels).float()
+        return torch.stack([self.latents.latent(i, f) for i, f in zip(indices, flips)])
 
     def _optimizer_step(self) -> None:
         """Clips and applies the gradients; a step whose gradients are not finite is skipped, not applied.
@@ -238,17 +243,23 @@ class Trainer:
                 f"gradients were not finite for {MAX_CONSECUTIVE_SKIPS} steps in a row (at step "
                 f"{self.position.step + 1}); lower training.learning_rate or use mixed_precision bf16")
 
-    def cache_latents(self) -> None:
-        """Encodes every (image, flip) once; the VAE is then not needed during training."""
-        flips = (False, True) if self.config.data.flip_aug else (False,)
-        keys = [(index, flip) for index in range(len(self.dataset.samples)) for flip in flips]
-        self.info.cache_total = len(keys)
-        for done, (index, flip) in enumerate(keys, 1):
-            torch.manual_seed(_micro_seed(self.config.training.seed, -1 - index))
-            pixels = self.dataset.load_pixels(index, flip).unsqueeze(0)
-            self.latent_cache[(index, flip)] = self.model.encode_images(pixels)[0].float().to(self.device)
-            self.info.cached = done
-            self._trigger("cache")
+    def prepare_caches(self) -> bool:
+        """Fills the enabled caches; True when the loop then needs neither the VAE nor the text encoder."""
+        samples, data = self.dataset.samples, self.config.data
+        if self.config.training.cache_latents:
+            flips = (False, True) if data.flip_aug else (False,)
+            keys = [(index, flip) for index in range(len(samples)) for flip in flips]
+            self.info.cache_total = len(keys)
+            self.latents.fill(keys, self._cached)
+        if not (self.texts.store and self.config.training.cache_latents):
+            return False
+        pairs = {(sample.caption, sample.bucket) for sample in samples}
+        pairs |= {("", bucket) for _, bucket in pairs} if data.caption_dropout else set()
+        return self.texts.fill(sorted(pairs))
+
+    def _cached(self, done: int) -> None:
+        self.info.cached = done
+        self._trigger("cache")
 
     def _autocast(self):
         if self.autocast_dtype is None:

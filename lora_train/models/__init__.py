@@ -30,6 +30,7 @@ class DiffusionModel(Protocol):
     alphas_cumprod: torch.Tensor  # the model's own noise schedule, fp32 [num_train_timesteps]
     device: torch.device
     name: str  # shown in metadata (ss_sd_model_name)
+    unet: nn.Module  # the denoiser the adapters are trained on
 
     def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
         """kohya key stem -> Linear/Conv2d to adapt."""
@@ -39,6 +40,9 @@ class DiffusionModel(Protocol):
 
     def encode_prompts(self, captions: List[str], sizes: List[Tuple[int, int]]) -> Any:
         """Conditioning for the UNet: a tensor (SD1/2) or dict crossattn+vector (SDXL)."""
+
+    def encoders(self) -> Dict[str, nn.Module]:
+        """{"vae": ..., "text_encoder": ...}: offloaded while training needs only their cached outputs."""
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         """UNet output for noisy latents at integer timesteps."""

@@ -65,6 +65,9 @@ class DiffusersModel:
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
+    def encoders(self) -> Dict[str, nn.Module]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder}
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         dtype = self.unet.dtype
         return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample

@@ -74,6 +74,9 @@ class LdmModel:
     def encode_prompts(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
         return self.sd_model.get_learned_conditioning(list(captions))
 
+    def encoders(self) -> Dict[str, nn.Module]:
+        return {"vae": self.sd_model.first_stage_model, "text_encoder": self.sd_model.cond_stage_model}
+
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.sd_model.apply_model(noisy.to(self.dtype), timesteps, cond.to(self.dtype))
 

@@ -1,0 +1,121 @@
+"""Latents and text-encoder outputs computed once and reused, so caching changes speed, never results.
+
+A latent is one posterior sample of the VAE for one (image, flip), seeded by its key: the sha256 of the image
+file's bytes, the bucket, the flip and a fingerprint of the VAE's weights. The uncached path calls the same
+`encode` every step, so cached and uncached runs train on identical latents. On disk (for big sets) each latent
+is `<key>.safetensors`: a changed image, bucket or VAE gives a new key, so a stale entry can never be read.
+
+Text-encoder outputs are cached per (caption, bucket) when the text encoder is not trained; every caption is
+encoded alone in both paths, so the cache is exact too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+Key = Tuple[int, bool]  # (sample index, flipped)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a module's state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentCache:
+    """The latent of every (image, flip); kept in memory, in a folder, or (store=False) encoded on every call."""
+
+    def __init__(self, model, dataset, store: bool = True, folder: Optional[Path] = None):
+        self.model, self.dataset, self.store = model, dataset, store
+        self.folder = Path(folder) if folder is not None else None
+        self.vae_id = module_fingerprint(model.encoders()["vae"])
+        self.hits = self.misses = 0
+        self._keys: Dict[Key, str] = {}
+        self._memory: Dict[Key, torch.Tensor] = {}
+
+    def key(self, index: int, flip: bool) -> str:
+        if (index, flip) not in self._keys:
+            sample = self.dataset.samples[index]
+            digest = hashlib.sha256(Path(sample.path).read_bytes())
+            digest.update(f"|{sample.bucket}|{flip}|{self.vae_id}".encode())
+            self._keys[(index, flip)] = digest.hexdigest()
+        return self._keys[(index, flip)]
+
+    def encode(self, index: int, flip: bool) -> torch.Tensor:
+        """One posterior sample, seeded by the key: the same tensor every time for the same inputs."""
+        torch.manual_seed(int(self.key(index, flip)[:15], 16))
+        pixels = self.dataset.load_pixels(index, flip).unsqueeze(0)
+        return self.model.encode_images(pixels)[0].float()
+
+    def latent(self, index: int, flip: bool) -> torch.Tensor:
+        if not self.store:
+            return self.encode(index, flip)
+        if (index, flip) in self._memory:
+            return self._memory[(index, flip)].to(self.model.device, non_blocking=True)
+        path = self.folder / f"{self.key(index, flip)}.safetensors" if self.folder else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            self.hits += 1
+            return load_file(str(path))["latent"].to(self.model.device)
+        self.misses += 1
+        latent = self.encode(index, flip)
+        if path is None:
+            self._memory[(index, flip)] = latent.cpu().pin_memory() if latent.is_cuda else latent
+        else:
+            _save_atomically(path, latent)
+        return latent
+
+    def fill(self, keys: List[Key], progress: Callable[[int], None]) -> None:
+        """Makes sure every key is cached (encoding only what is missing); progress(done) after each."""
+        for done, (index, flip) in enumerate(keys, 1):
+            if self.folder is None or not (self.folder / f"{self.key(index, flip)}.safetensors").is_file():
+                self.latent(index, flip)
+            progress(done)
+
+
+def _save_atomically(path: Path, latent: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    save_file({"latent": latent.detach().cpu().contiguous()}, str(temporary))
+    temporary.replace(path)
+
+
+class TextCache:
+    """Text-encoder output per caption (no gradient), or (store=False) encoded on every call."""
+
+    def __init__(self, model, store: bool):
+        self.model, self.store = model, store
+        self._memory: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
+
+    def _one(self, caption: str, size: Tuple[int, int]) -> torch.Tensor:
+        key = (caption, tuple(size))
+        if key in self._memory:
+            return self._memory[key]
+        with torch.no_grad():
+            cond = self.model.encode_prompts([caption], [size])
+        if self.store:
+            self._memory[key] = cond
+        return cond
+
+    def fill(self, pairs: List[Tuple[str, Tuple[int, int]]]) -> bool:
+        """Encodes every (caption, size) once; True when all have one shape (batches then never need the encoder)."""
+        return len({tuple(self._one(caption, size).shape) for caption, size in pairs}) == 1
+
+    def encode(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
+        """Each caption encoded alone; a batch whose outputs differ in length (long prompts) is encoded together."""
+        conds = [self._one(caption, size) for caption, size in zip(captions, sizes)]
+        if len({tuple(c.shape) for c in conds}) == 1:
+            return torch.cat(conds)
+        with torch.no_grad():
+            return self.model.encode_prompts(captions, sizes)

@@ -1,0 +1,100 @@
+"""Caching and memory: cached and uncached runs train identically, stale cache entries are never read, offloaded
+modules come back bit for bit, and the preflight tells a configuration that fits from one that does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_train.dataset import load_dataset
+from lora_train.encode_cache import LatentCache, TextCache
+from lora_train.models.common import offloaded
+from lora_train.models.diffusers import load_diffusers_model
+from lora_train.pipeline import train_lora
+from lora_train.preflight import GIB, estimate_memory, preflight
+from tests.test_training import make_config
+
+UNCACHED = dict(cache_latents=False, cache_text_encoder_outputs=False)
+
+
+def run(images, checkpoint, out, **training):
+    config = make_config(images, checkpoint, out, epochs=1, **training)
+    config.model.train_text_encoder, config.model.dropout = False, 0.1  # dropout: the global RNG must line up
+    config.data.flip_aug, config.data.caption_dropout, config.output.overwrite = True, 0.3, True
+    model = load_diffusers_model(str(checkpoint))
+    return train_lora(config, model), model
+
+
+def test_cached_and_uncached_runs_give_the_same_losses(tiny_checkpoint, sample_images, tmp_path):
+    cached, _ = run(sample_images, tiny_checkpoint, tmp_path / "a", batch_size=2)
+    uncached, _ = run(sample_images, tiny_checkpoint, tmp_path / "b", batch_size=2, **UNCACHED)
+    assert cached.losses == uncached.losses and len(cached.losses) == 4
+
+
+def test_disk_cache_is_reused_and_a_changed_image_gets_a_new_entry(tiny_checkpoint, sample_images, tmp_path):
+    first, model = run(sample_images, tiny_checkpoint, tmp_path / "out", cache_latents_to_disk=True)
+    folder = tmp_path / "out" / "latent_cache"
+    before = {path.name for path in folder.iterdir()}
+    assert len(before) == 16  # 8 images x 2 flips
+    changed = sorted(sample_images.glob("*.png"))[0]
+    Image.new("RGB", Image.open(changed).size, (0, 0, 0)).save(changed)
+    second, _ = run(sample_images, tiny_checkpoint, tmp_path / "out", cache_latents_to_disk=True)
+    after = {path.name for path in folder.iterdir()}
+    assert len(after - before) == 2 and before <= after  # the changed image's two flips; the rest reused
+    uncached, _ = run(sample_images, tiny_checkpoint, tmp_path / "fresh", **UNCACHED)
+    assert second.losses == uncached.losses != first.losses
+
+
+def test_a_changed_caption_is_encoded_again(tiny_checkpoint, sample_images):
+    model = load_diffusers_model(str(tiny_checkpoint))
+    cache, size = TextCache(model, store=True), (64, 64)
+    old, new = cache.encode(["a red circle"], [size]), cache.encode(["a blue square"], [size])
+    assert not torch.equal(old, new)
+    torch.testing.assert_close(new, model.encode_prompts(["a blue square"], [size]), rtol=0, atol=0)
+
+
+def test_latent_key_follows_the_file_bytes_and_bucket(tiny_checkpoint, sample_images, tmp_path):
+    from lora_train.config import DataConfig
+
+    dataset = load_dataset(DataConfig(train_data_dir=str(sample_images), resolution=64, min_bucket_reso=64))
+    cache = LatentCache(load_diffusers_model(str(tiny_checkpoint)), dataset, store=False)
+    assert cache.key(0, False) != cache.key(0, True) != cache.key(1, False)
+    torch.testing.assert_close(cache.encode(0, False), cache.encode(0, False), rtol=0, atol=0)
+
+
+def test_offloaded_modules_come_back_bit_for_bit(tiny_checkpoint):
+    vae = load_diffusers_model(str(tiny_checkpoint)).vae
+    before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
+    parameters = list(vae.parameters())
+    with offloaded([vae], torch.device("cpu")):
+        assert all(p.numel() == 0 for p in vae.parameters())
+    assert all(a is b for a, b in zip(parameters, vae.parameters()))
+    for name, tensor in vae.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.dtype == before[name].dtype, name
+
+
+def test_preflight_flags_a_config_that_cannot_fit_and_accepts_one_that_can(tiny_checkpoint, sample_images,
+                                                                            tmp_path):
+    model = load_diffusers_model(str(tiny_checkpoint))
+    config = make_config(sample_images, tiny_checkpoint, tmp_path, batch_size=8, resolution=512)
+    per_pixel = 200_000.0  # bytes saved per latent pixel (an SD1.5-sized UNet is ~this order)
+    big = preflight(model, config, (512, 512), 1_000_000, budget=4 * GIB, per_pixel=per_pixel)
+    assert not big.fits and big.changes["training.gradient_checkpointing"] is True
+    assert "does not fit; set training.gradient_checkpointing: True" in big.message()
+    assert preflight(model, config, (512, 512), 1_000_000, budget=64 * GIB, per_pixel=per_pixel).fits
+    hopeless = preflight(model, config, (512, 512), 1_000_000, budget=GIB // 4, per_pixel=per_pixel)
+    assert not hopeless.fits and not hopeless.changes and "larger GPU" in hopeless.message()
+
+
+def test_probe_measures_activations_that_grow_with_the_batch(tiny_checkpoint, sample_images, tmp_path):
+    from lora_train.preflight import activation_bytes_per_pixel
+
+    model = load_diffusers_model(str(tiny_checkpoint))
+    per_pixel = activation_bytes_per_pixel(model)
+    assert per_pixel > 0
+    config = make_config(sample_images, tiny_checkpoint, tmp_path, batch_size=1)
+    one = estimate_memory(model, config, (64, 64), 1000, per_pixel)
+    config.training.batch_size = 4
+    four = estimate_memory(model, config, (64, 64), 1000, per_pixel)
+    assert four.activations == pytest.approx(4 * one.activations, rel=1e-6) and four.weights == one.weights
