@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import bench_caption, cli_caption, cli_demo, cli_train
+from . import bench_caption, bench_train, cli_caption, cli_demo, cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_caption.add_parser(subparsers)
     cli_train.add_parser(subparsers)
     bench = subparsers.add_parser("bench", help="benchmarks (images/s, ms/step, memory)")
-    bench_caption.add_parser(bench.add_subparsers(dest="bench", required=True))
+    bench_commands = bench.add_subparsers(dest="bench", required=True)
+    bench_caption.add_parser(bench_commands)
+    bench_train.add_parser(bench_commands)
     cli_demo.add_parser(subparsers)
     return parser
 

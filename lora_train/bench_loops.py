@@ -1,0 +1,230 @@
+"""The three training loops `bench train` compares, each timed in its own process on the same model and data.
+
+- floor: the bare step (UNet forward + backward + AdamW on pre-made latents and conditioning, only the LoRA
+  parameters trainable, nothing else). No LoRA step can be faster than this.
+- ours: `pipeline.train_lora` under the default config (batch size, rank and text-encoder training as asked).
+- reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`:
+  peft-injected LoRA, the VAE and the text encoder run every step.
+
+`run_row` runs one loop and returns its per-step times, losses and peak memory (the process's peak RSS on the
+CPU, `torch.cuda.max_memory_allocated` on a GPU); `bench_train` calls it in a fresh process per row, so one row's
+memory never counts against another.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+LEARNING_RATE = 1e-4
+# the modules our default targets adapt in every transformer block; the reference adapts the same ones
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+@dataclass
+class BenchSettings:
+    model: str = "sd15"  # sd15 or a checkpoint path
+    device: str = "cpu"
+    resolution: int = 64  # image side; latents are resolution / 8
+    steps: int = 5  # timed steps (the median is reported)
+    warmup: int = 2  # untimed steps first
+    batch_size: int = 1
+    rank: int = 8
+    threads: int = 0  # torch threads per row; 0 = torch's default
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+
+@dataclass
+class RowResult:
+    name: str
+    step_seconds: List[float]  # every step, warm-up included
+    losses: List[float]
+    peak_bytes: int
+    warmup: int
+    parameters: int = 0  # UNet parameters
+    setup_seconds: float = 0.0  # for "fast": the first step, which compiles
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        timed = sorted(self.step_seconds[self.warmup:])
+        middle = len(timed) // 2
+        return 1000 * (timed[middle] if len(timed) % 2 else (timed[middle - 1] + timed[middle]) / 2)
+
+
+def run_row(name: str, settings: BenchSettings) -> RowResult:
+    """Builds the model and data in this process, runs one loop, and measures it."""
+    from .bench_models import build_bench_model, write_bench_images
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_bench_model(settings.model, device)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        images = write_bench_images(Path(folder) / "images", settings)
+        loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast}[name]
+        times, losses = loop(model, images, settings, Path(folder))
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    setup = times[0] if name == "fast" else 0.0
+    return RowResult(name, times, losses, peak, settings.warmup, sum(p.numel() for p in model.unet.parameters()),
+                     setup)
+
+
+def _timed(step: Callable[[int], float], count: int, device: torch.device) -> Tuple[List[float], List[float]]:
+    times, losses = [], []
+    for index in range(count):
+        started = time.perf_counter()
+        losses.append(step(index))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times, losses
+
+
+def _bench_config(images: Path, settings: BenchSettings, out: Path, **training):
+    from .config import DataConfig, TrainConfig
+
+    config = TrainConfig(data=DataConfig(train_data_dir=str(images), resolution=settings.resolution,
+                                         min_bucket_reso=64, max_bucket_reso=max(64, settings.resolution)))
+    config.model.lora_rank, config.model.alpha, config.model.train_text_encoder = settings.rank, settings.rank, False
+    training = dict(batch_size=settings.batch_size, max_train_steps=settings.total_steps, seed=settings.seed,
+                    learning_rate=LEARNING_RATE, **training)
+    for key, value in training.items():
+        setattr(config.training, key, value)
+    config.output.output_dir, config.output.output_name = str(out / "output"), "bench"
+    return config.validate(require_base_model=False)
+
+
+def _ours(model, images: Path, settings: BenchSettings, out: Path, **training) -> Tuple[List[float], List[float]]:
+    from .pipeline import train_lora
+
+    marks: List[float] = []
+
+    def clock(event: str, _trainer) -> None:
+        if event in ("start", "step"):
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            marks.append(time.perf_counter())
+    result = train_lora(_bench_config(images, settings, out, **training), model, callbacks=[clock])
+    return [after - before for before, after in zip(marks, marks[1:])], result.losses
+
+
+def _fast(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[List[float], List[float]]:
+    return _ours(model, images, settings, out, compile=True)
+
+
+def _premade(model, images: Path, settings: BenchSettings):
+    """Latents and conditioning of every image, made once (the floor's inputs)."""
+    from .config import DataConfig
+    from .dataset import load_dataset
+
+    dataset = load_dataset(DataConfig(train_data_dir=str(images), resolution=settings.resolution,
+                                      min_bucket_reso=64, max_bucket_reso=max(64, settings.resolution)))
+    with torch.no_grad():
+        pixels = torch.stack([dataset.load_pixels(i) for i in range(len(dataset.samples))])
+        latents = model.encode_images(pixels).float()
+        cond = model.encode_prompts([s.caption for s in dataset.samples], [s.bucket for s in dataset.samples])
+    return pixels, [s.caption for s in dataset.samples], latents, cond
+
+
+def _adamw(parameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=1e-2)
+
+
+def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[List[float], List[float]]:
+    from .models import TargetSpec
+    from .network import NetworkSpec, create_network
+
+    _, _, latents, cond = _premade(model, images, settings)
+    model.unet.requires_grad_(False)
+    network = create_network(model.lora_targets(TargetSpec(text_encoder=False)),
+                             NetworkSpec(rank=settings.rank, alpha=settings.rank), device=model.device)
+    network.attach()
+    optimizer = _adamw(network.parameters())
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches = _batches(latents, cond, settings, generator, len(model.alphas_cumprod))
+    alphas = model.alphas_cumprod.to(model.device)
+
+    def step(index: int) -> float:
+        x0, c, noise, t = batches[index]
+        a = alphas[t].view(-1, 1, 1, 1)
+        with _autocast(model.device):
+            prediction = model.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=c).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    times, losses = _timed(step, settings.total_steps, model.device)
+    return times, [float(loss) for loss in losses]
+
+
+def _batches(latents, cond, settings: BenchSettings, generator, timesteps: int):
+    """Every step's (latents, cond, noise, timesteps), drawn up front and already on the device."""
+    batches = []
+    for index in range(settings.total_steps):
+        rows = [(index * settings.batch_size + k) % len(latents) for k in range(settings.batch_size)]
+        x0, c = latents[rows], cond[rows].to(latents.dtype)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, timesteps, (len(rows),), generator=generator)
+        batches.append((x0, c, noise.to(x0.device), t.to(x0.device)))
+    return batches
+
+
+def _autocast(device: torch.device):
+    """fp16 autocast on a GPU (where the frozen weights are fp16), none on the CPU (fp32)."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[List[float], List[float]]:
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    pixels, captions, _, _ = _premade(model, images, settings)
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
+    for component in (unet, vae, text_encoder):
+        component.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
+                                target_modules=PEFT_TARGETS))
+    lora_parameters = [p for p in unet.parameters() if p.requires_grad]
+    for parameter in lora_parameters:
+        parameter.data = parameter.data.float()  # the script keeps trainable LoRA weights in fp32
+    optimizer = _adamw(lora_parameters)
+    scheduler = DDPMScheduler(num_train_timesteps=len(model.alphas_cumprod), beta_schedule="scaled_linear",
+                              beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(settings.seed)
+
+    def step(index: int) -> float:
+        rows = [(index * settings.batch_size + k) % len(pixels) for k in range(settings.batch_size)]
+        tokens = model.tokenizer([captions[r] for r in rows], padding="max_length", truncation=True,
+                                 max_length=model.tokenizer.model_max_length, return_tensors="pt")
+        with _autocast(model.device):
+            latents = vae.encode(pixels[rows].to(model.device, vae.dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), device=model.device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            cond = text_encoder(tokens.input_ids.to(model.device), return_dict=False)[0]
+            prediction = unet(noisy, timesteps, cond, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    times, losses = _timed(step, settings.total_steps, model.device)
+    return times, [float(loss) for loss in losses]

@@ -1,0 +1,54 @@
+"""The models and images the training benchmark runs on, built in code (no hub, no downloads).
+
+`tiny` is the tiny SD1-topology checkpoint of `lora_train.tiny` (built once by the parent process), loaded the
+way users' files are; any other path is a user's SD1/SD2 checkpoint file or diffusers folder. `sd15` is the
+real SD1.5 architecture, randomly initialised: UNet (859.5M parameters, diffusers' default UNet config is
+SD1's), the SD VAE and the CLIP ViT-L/14 text encoder. Random weights time exactly like trained ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .models.diffusers import CONFIG_DIR, DiffusersModel
+
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+
+
+def build_bench_model(name: str, device: torch.device) -> DiffusersModel:
+    """sd15 or a checkpoint path on device: fp16 UNet and text encoder on a GPU, fp32 on the CPU (VAE fp32)."""
+    from .models.diffusers import load_diffusers_model
+
+    model = _sd15() if name == "sd15" else load_diffusers_model(name)
+    return model.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def _sd15() -> DiffusersModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .models.clip_tokenizer import cached_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD1's
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder" / "sd1"))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return DiffusersModel(unet=unet, vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder,
+                          tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer()),
+                          alphas_cumprod=torch.cumprod(1 - betas, dim=0).float(), prediction="epsilon",
+                          family="sd1", name="sd15-random")
+
+
+def write_bench_images(folder: Path, settings) -> Path:
+    """4 square images of the benchmark's resolution, each with a caption file."""
+    from .bench_caption import make_bench_images
+
+    folder.mkdir(parents=True)
+    for index, image in enumerate(make_bench_images(4, settings.resolution, settings.seed)):
+        image.save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"bench image {index}, a colour gradient", encoding="utf-8")
+    return folder

@@ -1,0 +1,125 @@
+"""Training-step benchmark (`python -m lora_train bench train`): ours vs. the bare UNet step vs. a reference loop.
+
+One command runs, on the same model, images and settings, the loops of `lora_train.bench_loops` (floor, ours,
+reference; with `--fast` also ours with `training.compile`), each in a fresh process so that peak memory is per
+row, and prints ms/step (median after warm-up), it/s, peak memory and the ratios ours/floor and ours/reference.
+On the CPU the peak is the process's peak RSS (everything: Python, torch, weights, activations); on a GPU it is
+`torch.cuda.max_memory_allocated`. Timings are noisy on shared machines: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List
+
+from .bench_loops import BenchSettings, RowResult, run_row
+from .tiny import build_tiny_checkpoint
+
+GIB = 1024 ** 3
+
+
+def run_rows(settings: BenchSettings, names: List[str]) -> Dict[str, RowResult]:
+    """Runs each named loop in its own spawned process, one after the other."""
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for name in names:
+        with context.Pool(1) as pool:
+            results[name] = pool.apply(run_row, (name, settings))
+    return results
+
+
+def format_table(results: Dict[str, RowResult], memory: str) -> str:
+    lines = [f"{'loop':<10} {'ms/step':>9} {'it/s':>7} {memory:>14}  {'vs floor':>8}  first/last loss"]
+    floor = results["floor"]
+    for name, row in results.items():
+        extra = f"  (compile + first step {row.setup_seconds:.1f} s)" if row.setup_seconds else ""
+        lines.append(f"{name:<10} {row.median_ms:>9.1f} {1000 / row.median_ms:>7.2f} "
+                     f"{row.peak_bytes / GIB:>10.2f} GiB  {row.median_ms / floor.median_ms:>7.2f}x  "
+                     f"{row.losses[0]:.4f} / {row.losses[-1]:.4f}{extra}")
+    return "\n".join(lines)
+
+
+def format_ratios(results: Dict[str, RowResult]) -> str:
+    ours, floor, reference = results["ours"], results["floor"], results["reference"]
+    lines = [f"ours/floor      time {ours.median_ms / floor.median_ms:.3f}  memory "
+             f"{ours.peak_bytes / floor.peak_bytes:.3f}",
+             f"ours/reference  time {ours.median_ms / reference.median_ms:.3f}  memory "
+             f"{ours.peak_bytes / reference.peak_bytes:.3f}"]
+    if "fast" in results:
+        fast = results["fast"]
+        drift = max(abs(a - b) for a, b in zip(fast.losses, ours.losses))
+        lines.append(f"fast/floor      time {fast.median_ms / floor.median_ms:.3f}  "
+                     f"(max |loss fast - loss ours| {drift:.2e})")
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Registers `train` on a subparsers object (the caller puts it under `bench`)."""
+    parser = subparsers.add_parser("train", help="ms/step and memory: ours vs. the bare UNet step vs. reference",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny",
+                        help="tiny: seconds (CI smoke); sd15: the SD1.5 architecture, randomly initialised; "
+                             "or an SD1/SD2 .safetensors checkpoint or diffusers folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help="image side in pixels (latents are 1/8); default 512 on a GPU, 128 (sd15) or 64 "
+                             "(otherwise) on the CPU")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--fast", action="store_true", help="also time ours with training.compile: true")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    resolution = args.resolution or (512 if args.device.startswith("cuda") else 64 if args.model == "tiny" else 128)
+    for name, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 1),
+                             ("--batch-size", args.batch_size, 1), ("--rank", args.rank, 1),
+                             ("--resolution", resolution, 64), ("--threads", args.threads, 0)):
+        if value < low:
+            raise ValueError(f"{name} {value} must be >= {low}")
+    if args.model not in ("tiny", "sd15") and not Path(args.model).exists():
+        raise ValueError(f"--model {args.model!r}: use tiny, sd15 or the path of an SD1/SD2 checkpoint")
+    if resolution % 64:
+        raise ValueError(f"--resolution {resolution}: use a multiple of 64 (e.g. 128 or 512)")
+    return BenchSettings(model=args.model, device=args.device, resolution=resolution, steps=args.steps,
+                         warmup=args.warmup, batch_size=args.batch_size, rank=args.rank, threads=args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark; 0 when done, 2 for bad arguments."""
+    import torch
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    threads = settings.threads or torch.get_num_threads()
+    print(f"bench train: {settings.model} on {settings.device}, {settings.resolution}x{settings.resolution} px "
+          f"({settings.resolution // 8}x{settings.resolution // 8} latents), batch {settings.batch_size}, rank "
+          f"{settings.rank}, UNet only, median of {settings.steps} steps after {settings.warmup}, "
+          f"{threads} threads, load average {_load()}")
+    names = ["floor", "ours", "reference"] + (["fast"] if args.fast else [])
+    if settings.model == "tiny":
+        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
+            settings.model = str(build_tiny_checkpoint(Path(folder)))
+            results = run_rows(settings, names)
+    else:
+        results = run_rows(settings, names)
+    print(f"UNet parameters: {results['floor'].parameters / 1e6:.1f}M")
+    print(format_table(results, "peak VRAM" if settings.device.startswith("cuda") else "peak RSS"))
+    print(format_ratios(results))
+    print(f"load average after: {_load()}")
+    return 0
