@@ -1,7 +1,7 @@
 """The three training loops `bench train` compares, each timed in its own process on the same model and data.
 
 - floor: the bare step (UNet forward + backward + AdamW on pre-made latents and conditioning, only the LoRA
-  parameters trainable, nothing else). No LoRA step can be faster than this.
+  parameters trainable, nothing else; for sd15 only the UNet is built). No LoRA step can be faster than this.
 - ours: `pipeline.train_lora` under the default config (batch size, rank and text-encoder training as asked).
 - reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`:
   peft-injected LoRA, the VAE and the text encoder run every step.
@@ -72,7 +72,7 @@ def run_row(name: str, settings: BenchSettings) -> RowResult:
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_bench_model(settings.model, device)
+    model = build_bench_model(settings.model, device, encoders=name != "floor")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         images = write_bench_images(Path(folder) / "images", settings)
         loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast}[name]
@@ -128,7 +128,7 @@ def _fast(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[List
 
 
 def _premade(model, images: Path, settings: BenchSettings):
-    """Latents and conditioning of every image, made once (the floor's inputs)."""
+    """Pixels, captions, latents and conditioning of every image."""
     from .config import DataConfig
     from .dataset import load_dataset
 
@@ -149,13 +149,15 @@ def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[Li
     from .models import TargetSpec
     from .network import NetworkSpec, create_network
 
-    _, _, latents, cond = _premade(model, images, settings)
-    model.unet.requires_grad_(False)
+    generator = torch.Generator().manual_seed(settings.seed)
+    side, unet = settings.resolution // 8, model.unet
+    latents = torch.randn((4, unet.config.in_channels, side, side), generator=generator).to(model.device)
+    cond = torch.randn((4, 77, unet.config.cross_attention_dim), generator=generator).to(model.device, unet.dtype)
+    unet.requires_grad_(False)
     network = create_network(model.lora_targets(TargetSpec(text_encoder=False)),
                              NetworkSpec(rank=settings.rank, alpha=settings.rank), device=model.device)
     network.attach()
     optimizer = _adamw(network.parameters())
-    generator = torch.Generator().manual_seed(settings.seed)
     batches = _batches(latents, cond, settings, generator, len(model.alphas_cumprod))
     alphas = model.alphas_cumprod.to(model.device)
 

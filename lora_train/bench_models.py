@@ -19,15 +19,18 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
 
 
-def build_bench_model(name: str, device: torch.device) -> DiffusersModel:
-    """sd15 or a checkpoint path on device: fp16 UNet and text encoder on a GPU, fp32 on the CPU (VAE fp32)."""
+def build_bench_model(name: str, device: torch.device, encoders: bool = True) -> DiffusersModel:
+    """sd15 or a checkpoint path on device: fp16 UNet and text encoder on a GPU, fp32 on the CPU (VAE fp32).
+
+    sd15 without encoders has only its UNet (the floor's memory is the UNet's).
+    """
     from .models.diffusers import load_diffusers_model
 
-    model = _sd15() if name == "sd15" else load_diffusers_model(name)
+    model = _sd15(encoders) if name == "sd15" else load_diffusers_model(name)
     return model.to(device, torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def _sd15() -> DiffusersModel:
+def _sd15(encoders: bool) -> DiffusersModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -35,9 +38,12 @@ def _sd15() -> DiffusersModel:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD1's
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder" / "sd1"))
+    text_encoder = vae = torch.nn.Identity()
+    if encoders:
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder" / "sd1"))
+        vae = AutoencoderKL(**SD15_VAE)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    return DiffusersModel(unet=unet, vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder,
+    return DiffusersModel(unet=unet, vae=vae, text_encoder=text_encoder,
                           tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer()),
                           alphas_cumprod=torch.cumprod(1 - betas, dim=0).float(), prediction="epsilon",
                           family="sd1", name="sd15-random")
