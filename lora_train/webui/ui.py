@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List
 import gradio as gr
 
 from ..captioning import DEFAULT_MODEL, MODES
-from ..config import ConfigError, config_from_dict
+from ..config import config_from_dict
 from ..jobs import JobBusyError, JobRunner
 from . import actions
 from .form import Field, config_to_values, form_fields, to_form, values_to_dict
@@ -131,7 +131,8 @@ def _test_tab(ui: SimpleNamespace) -> None:
         ui.test_run = gr.Button("Generate at the training resolution: weight 0 and the weight above, same seed",
                                 variant="primary")
         ui.send = gr.Button("Send to txt2img", elem_id="lora_train_send_txt2img")
-    ui.test_images = gr.Gallery(label="Without / with the LoRA", columns=2, height=420)
+    ui.test_images = gr.Gallery(label="Without / with the LoRA", columns=2, height=420,
+                                elem_id="lora_train_test_images")
 
 
 def build(runner: JobRunner, host: WebUIHost) -> gr.Blocks:
@@ -244,14 +245,14 @@ def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: WebUIHost) -> None:
     train_outputs = [ui.status, ui.loss, ui.previews, ui.result]
     ui.start.click(start_train, [ui.task_id, ui.folder, ui.preview_every, ui.preview_prompt, ui.preview_seed,
                                  *ui.components], [ui.status], **{JS_ARG: "lora_train_start"}
-                   ).then(watch_train, None, train_outputs)
+                   ).success(watch_train, None, train_outputs)
     ui.watch.click(watch_train, None, train_outputs)
     ui.stop_save.click(lambda: _stop(runner, "save"), None, [ui.status])
     ui.stop_discard.click(lambda: _stop(runner, "discard"), None, [ui.status])
     caption_inputs = [ui.task_id, ui.folder, ui.caption_model, ui.caption_batch, ui.caption_prefix,
                       ui.caption_suffix, ui.caption_mode, ui.caption_max]
     ui.caption_run.click(start_caption, caption_inputs, [ui.caption_status], **{JS_ARG: "lora_train_start"}
-                         ).then(watch_caption, None, [ui.caption_status]
+                         ).success(watch_caption, None, [ui.caption_status]
                                 ).then(actions.scan_folder, [ui.folder], [ui.report, ui.grid, ui.gallery])
     ui.caption_stop.click(lambda: _stop(runner, "save"), None, [ui.caption_status])
     output_name = ui.components[[field.key for field in ui.fields].index("output.output_name")]
@@ -270,10 +271,11 @@ def _watch_caption(runner: JobRunner) -> Iterator[str]:
 
 
 def _start(runner: JobRunner, kind: str, make_work) -> str:
+    """Starts the job; a setting to fix is raised as gr.Error, which the page shows with its message."""
     try:
         runner.start(kind, make_work())
-    except (ConfigError, JobBusyError, ValueError) as error:
-        return f"**Cannot start:** {error}"
+    except (JobBusyError, ValueError) as error:
+        raise gr.Error(f"Cannot start: {error}") from None
     return "Starting..."
 
 
