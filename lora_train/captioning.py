@@ -218,7 +218,11 @@ def create_captioner(model: str = DEFAULT_MODEL, options: Optional[CaptionOption
     """The captioner for the model's config `model_type`; the weights load on first use (or `load()`)."""
     _, transformers = require_torch_transformers()
     source, local = _model_source(model)
-    model_type = _from_pretrained(transformers.AutoConfig, source, local_files_only=local).model_type
+    try:
+        model_type = _from_pretrained(transformers.AutoConfig, source, local_files_only=local).model_type
+    except OSError as error:  # not downloaded and no hub, or no such repository
+        raise CaptionError(f"caption model {model!r} cannot be loaded ({str(error).splitlines()[0]}); give a "
+                           "local model folder, or a hub id that is downloaded already") from None
     if model_type not in FAMILIES:
         raise CaptionError(f"{model!r} is a {model_type!r} model, not a captioning model; use a BLIP "
                            f"({DEFAULT_MODEL}) or GIT (microsoft/git-base) model")

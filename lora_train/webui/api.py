@@ -21,7 +21,14 @@ from .tasks import CaptionRequest, PreviewOptions, caption_job, train_job
 PREFIX = "/lora-train/v1"
 
 
-class CaptionBody(BaseModel):
+class _Strict(BaseModel):
+    """Refuses unknown keys, so a typo in a request is a 422 naming it, not a silently ignored setting."""
+
+    class Config:
+        extra = "forbid"
+
+
+class CaptionBody(_Strict):
     input: str = Field(..., description="folder of images")
     model: str = Field(DEFAULT_MODEL, description="BLIP/GIT hub id or local folder")
     batch_size: int = Field(8, ge=1, le=256)
@@ -35,7 +42,7 @@ class CaptionBody(BaseModel):
     num_beams: int = Field(CaptionOptions.num_beams, ge=1, le=16)
 
 
-class PreviewBody(BaseModel):
+class PreviewBody(_Strict):
     every_n_steps: int = Field(0, ge=0)
     prompt: str = ""
     seed: int = 1234
@@ -44,12 +51,12 @@ class PreviewBody(BaseModel):
     height: Optional[int] = Field(None, ge=64, le=2048)
 
 
-class TrainBody(BaseModel):
+class TrainBody(_Strict):
     config: Dict[str, Dict[str, Any]] = Field(..., description="the YAML sections data/model/training/output")
     preview: Optional[PreviewBody] = None
 
 
-class StopBody(BaseModel):
+class StopBody(_Strict):
     mode: Literal["save", "discard"] = "save"
 
 
@@ -98,10 +105,10 @@ def register(app: FastAPI, runner: JobRunner, host, api_auth: Optional[str] = No
         except JobNotFoundError:
             raise HTTPException(404, f"no job {job_id}") from None
 
-    def stop(job_id: str, body: StopBody) -> Dict[str, Any]:
+    def stop(job_id: str, body: Optional[StopBody] = None) -> Dict[str, Any]:
         try:
             job = runner.get(job_id)
-            job.request_stop(body.mode)
+            job.request_stop((body or StopBody()).mode)
         except JobNotFoundError:
             raise HTTPException(404, f"no job {job_id}") from None
         except JobBusyError as error:

@@ -1,0 +1,97 @@
+"""The tab's handlers without gradio: the caption grid, presets, the settings form and the test prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from lora_train.config import ConfigError, TrainConfig, config_from_dict
+from lora_train.webui import actions
+from lora_train.webui.form import MANAGED, config_to_values, form_fields, values_to_dict
+
+
+def digests(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_scan_lists_images_with_captions_and_a_report(sample_images):
+    report, rows, gallery = actions.scan_folder(str(sample_images))
+    assert "**8 images.**" in report and len(rows) == len(gallery) == 8
+    assert rows[0] == ["00_red_circle.png", "demo style, a red circle, plain background"]
+
+
+def test_scan_of_a_missing_folder_says_what_to_do(tmp_path):
+    report, rows, _ = actions.scan_folder(str(tmp_path / "nope"))
+    assert "is not a folder" in report and rows == []
+
+
+def test_save_writes_only_changed_captions(sample_images):
+    _, rows, _ = actions.scan_folder(str(sample_images))
+    before = digests(sample_images)
+    rows[1][1] = "demo style, a red box"
+    assert actions.save_captions(str(sample_images), rows) == "Saved 1 changed caption (8 images)."
+    after = digests(sample_images)
+    assert [name for name in after if after[name] != before[name]] == ["01_red_square.txt"]
+    assert (sample_images / "01_red_square.txt").read_text() == "demo style, a red box"
+
+
+def test_save_refuses_a_path_outside_the_folder(sample_images, tmp_path):
+    with pytest.raises(ValueError, match="not inside the image folder"):
+        actions.save_captions(str(sample_images), [["../escape.png", "x"]])
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_grid_edits_find_replace_and_trigger_words():
+    rows = [["a.png", "demo style, a red circle"], ["b.png", "a blue square"]]
+    assert actions.replace_text(rows, "red", "green")[0][1] == "demo style, a green circle"
+    added = actions.add_trigger(rows, "demo style")
+    assert [caption for _, caption in added] == ["demo style, a red circle", "demo style, a blue square"]
+    assert [c for _, c in actions.remove_trigger(added, "demo style")] == ["a red circle", "a blue square"]
+
+
+def test_presets_round_trip_and_bad_names_are_refused(tmp_path):
+    fields = form_fields()
+    values = config_to_values(fields, TrainConfig())
+    values[[f.key for f in fields].index("model.lora_rank")] = 16
+    assert actions.save_preset(tmp_path, "my-style", values_to_dict(fields, values)) == "my-style"
+    assert actions.list_presets(tmp_path) == ["default", "my-style"]
+    assert actions.load_preset(tmp_path, "my-style").model.lora_rank == 16
+    assert actions.load_preset(tmp_path, "default") == actions.load_preset(tmp_path, "")
+    with pytest.raises(ConfigError, match="preset name"):
+        actions.save_preset(tmp_path, "../x", values_to_dict(fields, values))
+
+
+def test_form_covers_every_key_but_the_managed_ones_and_round_trips_the_defaults():
+    fields = form_fields()
+    every = {f"{s.name}.{f.name}" for s in dataclasses.fields(TrainConfig)
+             for f in dataclasses.fields(getattr(TrainConfig(), s.name))}
+    assert {field.key for field in fields} == every - MANAGED
+    assert all(field.help for field in fields), "every field shows its YAML comment"
+    config = config_from_dict(values_to_dict(fields, config_to_values(fields, TrainConfig())))
+    assert config == TrainConfig()
+
+
+def test_optional_form_text_becomes_numbers_or_none():
+    fields = form_fields()
+    values = config_to_values(fields, TrainConfig())
+    keys = [f.key for f in fields]
+    values[keys.index("training.max_train_steps")] = " 300 "
+    values[keys.index("training.min_snr_gamma")] = ""
+    config = config_from_dict(values_to_dict(fields, values))
+    assert config.training.max_train_steps == 300 and config.training.min_snr_gamma is None
+
+
+def test_test_prompt_tags():
+    assert actions.with_lora("sks style, a cat", "mine", 0.8) == "<lora:mine:0.8>, sks style, a cat"
+    assert actions.with_lora("<lora:mine:0.8>, a cat", "mine", 1.2) == "<lora:mine:1.2>, a cat"
+    assert actions.without_lora("<lora:mine:0.8>, a cat, <lora:other:1>", "mine") == "a cat, <lora:other:1>"
+
+
+def test_estimate_counts_steps(sample_images):
+    config = config_from_dict({"data": {"train_data_dir": str(sample_images), "resolution": 64,
+                                        "min_bucket_reso": 64, "max_bucket_reso": 128},
+                               "training": {"batch_size": 2, "epochs": 3}})
+    text = actions.estimate(config, seconds_per_step=2.0)
+    assert text.startswith("**12 steps** (4 per epoch x 3 epochs)") and "about 0.4 min" in text

@@ -1,0 +1,235 @@
+"""The HTTP API (/lora-train/v1) on a bare FastAPI app with the stand-in WebUI: basic auth as --api-auth sets
+it, train and caption jobs to the end, 409 while a job runs, 422 naming the field, 404, and what
+scripts/lora_train_tab.py registers with the WebUI."""
+
+from __future__ import annotations
+
+import runpy
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from lora_train.bench_caption import build_tiny_blip
+from lora_train.cli_demo import make_sample_dataset
+from lora_train.jobs import JobResult, JobRunner
+from lora_train.webui import api
+from lora_train.webui.host import WebUIHost
+from webui_standin import REPO, ProbeHost, installed, queue_lock_held, train_values, wait_for_pause
+
+PREFIX = api.PREFIX
+NAME = "api_lora"
+JOB_TIMEOUT_S = 120
+USERS = "alice:secret,bob:pass:with:colons"
+
+
+@pytest.fixture
+def webui(tiny_ldm, tmp_path):
+    """The stand-in WebUI holding the tiny checkpoint; yields modules.shared."""
+    with installed(tiny_ldm, tmp_path / "webui") as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> Path:
+    return build_tiny_blip(tmp_path_factory.mktemp("blip"))
+
+
+def client_for(runner: JobRunner, host: WebUIHost, api_auth=None) -> TestClient:
+    app = FastAPI()
+    api.register(app, runner, host, api_auth=api_auth)
+    return TestClient(app)
+
+
+def wait_done(runner: JobRunner, job_id: str) -> None:
+    assert runner.get(job_id).done.wait(JOB_TIMEOUT_S), "the job did not finish"
+
+
+def detail(response) -> str:
+    """The 422's message, or the dotted field path(s) of pydantic's errors ("config.training: ...")."""
+    body = response.json()["detail"]
+    if isinstance(body, str):
+        return body
+    return "; ".join(".".join(str(part) for part in error["loc"][1:]) + ": " + error["msg"] for error in body)
+
+
+def test_without_api_auth_the_routes_are_open(webui):
+    client = client_for(JobRunner(), WebUIHost())
+    response = client.get(f"{PREFIX}/jobs/nope")
+    assert response.status_code == 404 and response.json()["detail"] == "no job nope"
+    assert client.post(f"{PREFIX}/jobs/nope/stop", json={"mode": "save"}).status_code == 404
+
+
+@pytest.mark.parametrize("credentials, status", [
+    (None, 401),
+    (("alice", "wrong"), 401),
+    (("mallory", "secret"), 401),
+    (("alice", "secret"), 404),
+    (("bob", "pass:with:colons"), 404),
+])
+def test_with_api_auth_only_listed_users_get_through(webui, credentials, status):
+    client = client_for(JobRunner(), WebUIHost(), api_auth=USERS)
+    response = client.get(f"{PREFIX}/jobs/nope", auth=credentials)
+    assert response.status_code == status
+    if status == 401:
+        assert client.post(f"{PREFIX}/train", json={"config": []}, auth=credentials).status_code == 401, \
+            "refused before the body is read"
+
+
+def test_train_through_the_api_while_a_second_job_gets_409(webui, sample_images, tiny_blip):
+    runner, host = JobRunner(), ProbeHost(pause_at=1)
+    client = client_for(runner, host)
+    values = train_values(sample_images, NAME, steps=2)
+    started = client.post(f"{PREFIX}/train", json={"config": values})
+    assert started.status_code == 200, started.text
+    job_id = started.json()["job_id"]
+    try:
+        wait_for_pause(host, runner.get(job_id))
+        running = client.get(f"{PREFIX}/jobs/{job_id}").json()
+        assert running["state"] == "running" and running["step"] == 1 and queue_lock_held()
+        second = client.post(f"{PREFIX}/train", json={"config": train_values(sample_images, "other")})
+        assert second.status_code == 409
+        assert second.json()["detail"] == f"a train job ({job_id}) is running; stop it or wait for it to finish"
+        caption = client.post(f"{PREFIX}/caption", json={"input": str(sample_images), "model": str(tiny_blip)})
+        assert caption.status_code == 409
+    finally:
+        host.resume.set()
+    wait_done(runner, job_id)
+
+    status = client.get(f"{PREFIX}/jobs/{job_id}").json()
+    assert status["state"] == "done", status["error"]
+    assert status["output"] == str(WebUIHost().lora_dir() / f"{NAME}.safetensors") and Path(status["output"]).is_file()
+    assert status["report"]["verification"]["unmatched"] == []
+    ended = client.post(f"{PREFIX}/jobs/{job_id}/stop", json={"mode": "save"})
+    assert ended.status_code == 409 and "has already ended (done)" in ended.json()["detail"]
+    assert client.post(f"{PREFIX}/train", json={"config": values}).status_code == 422, "the LoRA exists now"
+
+
+def test_stop_through_the_api(webui, sample_images):
+    runner, host = JobRunner(), ProbeHost(pause_at=1)
+    client = client_for(runner, host)
+    started = client.post(f"{PREFIX}/train", json={"config": train_values(sample_images, NAME, steps=20)})
+    job_id = started.json()["job_id"]
+    try:
+        wait_for_pause(host, runner.get(job_id))
+        stopping = client.post(f"{PREFIX}/jobs/{job_id}/stop", json={"mode": "discard"})
+        assert stopping.status_code == 200 and stopping.json()["state"] == "running"
+    finally:
+        host.resume.set()
+    wait_done(runner, job_id)
+    status = client.get(f"{PREFIX}/jobs/{job_id}").json()
+    assert status["state"] == "stopped" and status["output"] is None and status["step"] == 1
+
+
+@pytest.mark.parametrize("route, body, expected", [
+    ("train", {}, "config: field required"),
+    ("train", {"config": "data: {}"}, "config: value is not a valid dict"),
+    ("train", {"config": {"training": 5}}, "config.training: value is not a valid dict"),
+    ("train", {"config": {}, "preview": {"steps": "many"}}, "preview.steps: value is not a valid integer"),
+    ("train", {"config": {}, "preview": {"width": 32}}, "preview.width: ensure this value is greater than"),
+    ("train", {"config": {"training": {"learning_rat": 1}}},
+     "training.learning_rat: unknown key; did you mean training.learning_rate?"),
+    ("train", {"config": {"trainig": {}}}, "trainig: unknown section; did you mean 'training'?"),
+    ("train", {"config": {"training": {"learning_rate": "fast"}}}, "training.learning_rate: 'fast' is not valid"),
+    ("train", {"config": {"output": {"output_name": "../../escape"}}}, "output.output_name: '../../escape'"),
+    ("train", {"config": {"model": {"base_model": "x.safetensors"}}}, "model.base_model: the WebUI trains"),
+    ("train", {"config": {"data": {"resolution": 512}}}, "data.train_data_dir"),
+    ("caption", {"input": "/no/such/folder"}, "input: '/no/such/folder' is not a folder"),
+    ("caption", {"input": ".", "batch_size": 0}, "batch_size: ensure this value is greater than or equal to 1"),
+    ("caption", {"input": ".", "mode": "replace"}, "mode: unexpected value; permitted: 'skip'"),
+    ("jobs/nope/stop", {"mode": "pause"}, "mode: unexpected value; permitted: 'save', 'discard'"),
+    ("train", {"config": {}, "previews": {"every_n_steps": 1}}, "previews: extra fields not permitted"),
+    ("caption", {"input": ".", "batchsize": 4}, "batchsize: extra fields not permitted"),
+    ("caption", {"input": ".", "model": "nobody/nothing"}, "caption model 'nobody/nothing' cannot be loaded"),
+])
+def test_bad_requests_get_422_naming_the_field(webui, route, body, expected):
+    runner = JobRunner()
+    response = client_for(runner, WebUIHost()).post(f"{PREFIX}/{route}", json=body)
+    assert response.status_code == 422 and expected in detail(response), response.text
+    assert runner.current() is None and not list(WebUIHost().lora_dir().parent.glob("Lora/*"))
+
+
+def test_stop_without_a_body_stops_and_saves(webui, sample_images):
+    runner, host = JobRunner(), ProbeHost(pause_at=1)
+    client = client_for(runner, host)
+    job_id = client.post(f"{PREFIX}/train", json={"config": train_values(sample_images, NAME, steps=20)}
+                         ).json()["job_id"]
+    try:
+        wait_for_pause(host, runner.get(job_id))
+        assert client.post(f"{PREFIX}/jobs/{job_id}/stop").status_code == 200
+    finally:
+        host.resume.set()
+    wait_done(runner, job_id)
+    status = client.get(f"{PREFIX}/jobs/{job_id}").json()
+    assert status["state"] == "stopped" and Path(status["output"]).is_file()
+
+
+def test_malformed_json_gets_422(webui):
+    response = client_for(JobRunner(), WebUIHost()).post(
+        f"{PREFIX}/train", content=b"{config: ", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["type"] == "value_error.jsondecode"
+
+
+def test_a_webui_that_cannot_train_gets_422_with_the_reason(tiny_ldm, tmp_path, sample_images):
+    with installed(tiny_ldm, tmp_path, ["--lowvram"]):
+        response = client_for(JobRunner(), WebUIHost()).post(
+            f"{PREFIX}/train", json={"config": train_values(sample_images, NAME)})
+    assert response.status_code == 422 and "--lowvram" in detail(response)
+
+
+def test_caption_job_captions_a_folder_under_the_queue_lock(webui, tiny_blip, tmp_path):
+    images = make_sample_dataset(tmp_path / "images", captions=False)
+    runner, host = JobRunner(), ProbeHost()
+    client = client_for(runner, host)
+    body = {"input": str(images), "model": str(tiny_blip), "prefix": "sks style, ", "batch_size": 4,
+            "max_length": 8, "min_length": 2, "num_beams": 1}
+    started = client.post(f"{PREFIX}/caption", json=body)
+    assert started.status_code == 200, started.text
+    wait_done(runner, started.json()["job_id"])
+
+    status = client.get(f"{PREFIX}/jobs/{started.json()['job_id']}").json()
+    assert status["state"] == "done" and status["report"]["captioned"] == 8, status
+    captions = sorted(images.glob("*.txt"))
+    assert len(captions) == 8 and all(p.read_text(encoding="utf-8").startswith("sks style, ") for p in captions)
+    assert host.reports and all(r.lock_held and r.job == "lora_train_caption" for r in host.reports)
+    assert host.reports[-1].step == 8 and not queue_lock_held() and webui.state.job == ""
+
+
+def test_the_extension_registers_its_tab_settings_and_routes(tiny_ldm, tmp_path):
+    from lora_train.webui import callbacks
+
+    with installed(tiny_ldm, tmp_path, ["--api-auth", USERS]) as shared:
+        from modules import script_callbacks
+
+        runpy.run_path(str(REPO / "scripts" / "lora_train_tab.py"))
+        assert {name: len(entries) for name, entries in script_callbacks.callback_map.items()} == {
+            "callbacks_app_started": 1, "callbacks_model_loaded": 0, "callbacks_ui_tabs": 1,
+            "callbacks_ui_settings": 1, "callbacks_script_unloaded": 1}
+
+        app = FastAPI()
+        script_callbacks.app_started_callback(None, app)
+        client = TestClient(app)
+        assert client.get(f"{PREFIX}/jobs/nope").status_code == 401, "--api-auth applies to the routes"
+        assert client.get(f"{PREFIX}/jobs/nope", auth=("alice", "secret")).status_code == 404
+
+        script_callbacks.ui_settings_callback()
+        info = shared.opts.data_labels["lora_train_preview_every"]
+        assert shared.opts.lora_train_preview_every == 0
+        assert info.section == callbacks.SECTION and info.category_id == "training"
+
+        from modules import infotext_utils
+
+        [(tab, title, elem_id)] = script_callbacks.ui_tabs_callback()
+        assert (type(tab).__name__, title, elem_id) == ("Blocks", "LoRA Train", "lora_train")
+        assert [b.tabname for b in infotext_utils.registered_param_bindings] == ["txt2img"]
+
+        release = threading.Event()
+        job = callbacks.RUNNER.start("train", lambda job: JobResult() if release.wait(JOB_TIMEOUT_S) else None)
+        try:
+            script_callbacks.script_unloaded_callback()
+            assert job.stop_mode == "save", "a running job is asked to stop and save"
+        finally:
+            release.set()
+        assert job.done.wait(JOB_TIMEOUT_S)

@@ -1,0 +1,186 @@
+"""A stand-in AUTOMATIC1111 WebUI 1.10 for the tests that run without one, and helpers to probe a job in it.
+
+`installed(sd_model, data_dir, args)` starts it the way the WebUI starts, for one with-block: the stand-in
+`modules` package and the built-in Lora extension's top-level modules (`networks`, `network`,
+`network_lora`) go on sys.path; the WebUI's command line (`--data-dir data_dir` plus `args`) is read, after
+every extension's `preload(parser)`, this extension's own `preload.py` included (copied into
+`<data_dir>/extensions/`); `sd_model` becomes `shared.sd_model` with the attributes A1111's model loader and the
+built-in's model-loaded callback give it. Afterwards sys.path, sys.modules and $COMMANDLINE_ARGS are as they
+were, so other test files never see a `modules` package.
+
+Stand-in modules (each says what it keeps of A1111 1.10.1): modules.shared (cmd_opts, opts, state, sd_model),
+shared_state, shared_cmd_options + cmd_args + script_loading (flags, preloads), paths_internal, call_queue +
+fifo_lock (queue_lock), progress (task queue, progressapi), processing (txt2img through the loaded model),
+sd_models, options, script_callbacks, infotext_utils; extensions-builtin/Lora: preload, network, network_lora,
+networks. Not reproduced: fp16 weights, the hijack's wrapper around the text encoder, the built-in's patched
+torch-layer forwards, `<lora:...>` in prompts, SD2's MultiheadAttention and SDXL.
+
+Helpers: `ProbeHost` (the real WebUIHost, recording progress reports and pausing a job at a step),
+`queue_lock_held`, `snapshot` / `assert_same_model`, `train_values`, `load_tiny_ldm`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+
+from lora_train.webui.host import WebUIHost
+
+STANDIN = Path(__file__).resolve().parent
+LORA_EXTENSION = STANDIN / "extensions-builtin" / "Lora"
+REPO = STANDIN.parents[1]
+EXTENSION_FOLDER = "sd-webui-lora-train"
+LORA_MODULES = ("networks", "network", "network_lora")  # the built-in Lora extension's top-level modules
+CHECKPOINT = "tiny-sd1.safetensors"
+PAUSE_TIMEOUT_S = 60  # a paused job gives up waiting after this (a test that failed before resuming it)
+
+
+def _standin_module(name: str) -> bool:
+    return name == "modules" or name.startswith("modules.") or name in LORA_MODULES
+
+
+@contextlib.contextmanager
+def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequence[str] = ()) -> Iterator:
+    """The stand-in WebUI for a with-block, holding sd_model (None: no checkpoint loaded); yields modules.shared."""
+    data_dir = Path(data_dir)
+    extension = data_dir / "extensions" / EXTENSION_FOLDER
+    extension.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "preload.py", extension / "preload.py")
+    saved_path, saved_args = list(sys.path), os.environ.get("COMMANDLINE_ARGS")
+    saved_modules = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _standin_module(n)]}
+    os.environ["COMMANDLINE_ARGS"] = shlex.join(["--data-dir", str(data_dir), *args])
+    sys.path[:0] = [str(STANDIN), str(LORA_EXTENSION)]
+    try:
+        shared = importlib.import_module("modules.shared")
+        importlib.import_module("networks")  # the built-in's scripts import it at start-up
+        if sd_model is not None:
+            load_model(shared, sd_model)
+        yield shared
+    finally:
+        for name in [n for n in sys.modules if _standin_module(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
+        sys.path[:] = saved_path
+        if saved_args is None:
+            os.environ.pop("COMMANDLINE_ARGS", None)
+        else:
+            os.environ["COMMANDLINE_ARGS"] = saved_args
+
+
+def load_model(shared, sd_model: torch.nn.Module) -> None:
+    """What A1111's sd_models.load_model leaves on an SD1 model, then the built-in Lora's model-loaded callback.
+
+    The WebUI does not freeze the UNet, and the text encoder's token embedding (replaced by the hijack) is in
+    training mode: both are set here so that a job must restore them exactly.
+    """
+    from modules import paths_internal, sd_models
+
+    import networks
+
+    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = True, False, False
+    sd_model.sd_checkpoint_info = sd_models.CheckpointInfo(
+        os.path.join(paths_internal.models_path, "Stable-diffusion", CHECKPOINT))
+    sd_model.sd_model_checkpoint = sd_model.sd_checkpoint_info.filename
+    for parameter in sd_model.model.parameters():
+        parameter.requires_grad_(True)
+    sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding.train()
+    shared.sd_model = sd_model
+    networks.assign_network_names_to_compvis_modules(sd_model)
+
+
+def queue_lock_held() -> bool:
+    """Whether anyone (this thread included: the lock is not re-entrant) holds the WebUI's queue lock."""
+    from modules import call_queue
+
+    if call_queue.queue_lock.acquire(blocking=False):
+        call_queue.queue_lock.release()
+        return False
+    return True
+
+
+@dataclass
+class Report:
+    """What the WebUI showed when a job reported progress."""
+
+    step: int
+    text: str
+    job: str  # shared.state.job
+    lock_held: bool
+
+
+class ProbeHost(WebUIHost):
+    """The real host, recording each progress report; with pause_at, the job waits at that step.
+
+    At the pause the job holds the queue lock; `paused` is set, and the job goes on when the test sets
+    `resume`, which makes a running job's timing deterministic (no sleeps).
+    """
+
+    def __init__(self, pause_at: Optional[int] = None):
+        self.pause_at = pause_at
+        self.paused, self.resume = threading.Event(), threading.Event()
+        self.reports: List[Report] = []
+
+    def report(self, step: int, total: int, text: str) -> None:
+        super().report(step, total, text)
+        self.reports.append(Report(step, text, self.shared().state.job, queue_lock_held()))
+        if step == self.pause_at and not self.paused.is_set():
+            self.paused.set()
+            if not self.resume.wait(PAUSE_TIMEOUT_S):
+                raise RuntimeError(f"the test did not resume the job within {PAUSE_TIMEOUT_S} s")
+
+
+def wait_for_pause(host: ProbeHost, job, timeout_s: float = PAUSE_TIMEOUT_S) -> None:
+    """Returns once the job has paused at host.pause_at; fails at once if the job ends before it gets there."""
+    deadline = time.monotonic() + timeout_s
+    while not host.paused.wait(0.05):
+        assert not job.done.is_set(), f"the job ended before step {host.pause_at}: {job.snapshot()}"
+        assert time.monotonic() < deadline, f"the job did not reach step {host.pause_at} in {timeout_s} s"
+
+
+def snapshot(model: torch.nn.Module):
+    """Everything a job must give back: tensors, requires_grad and training flags, ldm's checkpoint flags."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()},
+            {n: (getattr(m, "checkpoint", None), getattr(m, "use_checkpoint", None)) for n, m in model.named_modules()})
+
+
+def assert_same_model(model: torch.nn.Module, before) -> None:
+    state, grads, modes, flags = snapshot(model)
+    assert state.keys() == before[0].keys()
+    assert [k for k in state if not torch.equal(state[k], before[0][k])] == []
+    assert grads == before[1] and modes == before[2] and flags == before[3]
+    assert [n for n, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__] == []
+
+
+def train_values(images: Path, name: str, steps: int = 2, **output) -> dict:
+    """A small train request for the tiny model: 64 px, rank 4, a few steps."""
+    return {"data": {"train_data_dir": str(images), "resolution": 64, "min_bucket_reso": 64,
+                     "max_bucket_reso": 128},
+            "model": {"lora_rank": 4, "alpha": 4},
+            "training": {"batch_size": 4, "max_train_steps": steps, "learning_rate": 3e-3},
+            "output": {"output_name": name, **output}}
+
+
+def load_tiny_ldm(checkpoint: Path) -> torch.nn.Module:
+    """The tiny checkpoint as an ldm LatentDiffusion (what the WebUI holds), with the file's weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from lora_train.tiny import build_tiny_ldm
+
+    model = build_tiny_ldm(yaml.safe_load(Path(checkpoint).with_suffix(".yaml").read_text()), seed=0)
+    model.load_state_dict(load_file(str(checkpoint)))
+    return model
