@@ -121,7 +121,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # clip gradients to this norm; 0 = no clipping
     mixed_precision: str = "fp16"  # no | fp16 | bf16 on a GPU; the CPU always trains in fp32
     gradient_checkpointing: bool = False  # trade ~30% speed for much less activation memory
-    cache_latents: bool = True  # encode every image once; turns off random flips per step
+    cache_latents: bool = True  # encode every image (and its flip, with flip_aug) once before training
     cache_latents_to_disk: bool = False  # keep cached latents in <output_dir>/latent_cache, not RAM (big sets)
     cache_text_encoder_outputs: bool = True  # encode each caption once when the text encoder is not trained
     compile: bool = False  # torch.compile the UNet: a slow first step, then faster steps

@@ -106,3 +106,22 @@ def test_bad_requests_get_clear_errors(client):
     escape = client.post("/lora-train/v1/train", json={"config": {"output": {"output_name": "../../x"}}})
     assert escape.status_code == 422 and "output.output_name" in escape.text
     assert client.get("/lora-train/v1/jobs/nope").status_code == 404
+
+
+def test_text_encoder_adapters_load_in_the_webui_too(client, tmp_path):
+    from lora_train.cli_demo import make_sample_dataset
+
+    images = make_sample_dataset(tmp_path / "captioned")
+    config = {"data": {"train_data_dir": str(images), "resolution": 64, "min_bucket_reso": 64,
+                       "max_bucket_reso": 128},
+              "model": {"lora_rank": 4, "alpha": 4, "train_text_encoder": True},
+              "training": {"batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-3},
+              "output": {"output_name": f"{NAME}_te", "overwrite": True}}
+    started = client.post("/lora-train/v1/train", json={"config": config})
+    assert started.status_code == 200, started.text
+    trained = wait(client, started.json()["job_id"])
+    assert trained["state"] == "done", trained
+    verification = trained["report"]["verification"]
+    print(f"\nUNet + text encoder: verification {verification}")
+    assert verification["unmatched"] == [] and verification["matched"] == verification["stems"]
+    assert any(stem for stem in range(verification["stems"])) and verification["stems"] > 192
