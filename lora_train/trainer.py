@@ -27,7 +27,7 @@ from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoi
 from .config import TrainConfig
 from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
-from .models.common import offloaded
+from .models.common import Offloader
 from .optim import build_optimizer, build_scheduler
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
 
@@ -87,6 +87,7 @@ class Trainer:
         self.alphas_cumprod = model.alphas_cumprod.to(self.device)
         self.predict = torch.compile(model.predict) if train.compile else model.predict
         self.last_checkpoint: Optional[Path] = None
+        self.offloader = Offloader([], self.device)  # encoders leave the device while their outputs are cached
         self.skipped_steps = self.consecutive_skips = 0
         self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
         self._callbacks: List[Callback] = []
@@ -116,7 +117,8 @@ class Trainer:
         if self.config.training.resume_from_checkpoint:
             self.resume(Path(self.config.training.resume_from_checkpoint))
         encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
-        with offloaded(encoders, self.device):
+        self.offloader = Offloader(encoders, self.device)
+        with self.offloader:
             self._trigger("start")
             started, start_step = time.perf_counter(), self.position.step
             while self.position.step < self.total_steps and self.stop_mode is None:

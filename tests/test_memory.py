@@ -9,7 +9,7 @@ from PIL import Image
 
 from lora_train.dataset import load_dataset
 from lora_train.encode_cache import LatentCache, TextCache
-from lora_train.models.common import offloaded
+from lora_train.models.common import Offloader
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
 from lora_train.preflight import GIB, estimate_memory, preflight
@@ -67,7 +67,7 @@ def test_offloaded_modules_come_back_bit_for_bit(tiny_checkpoint):
     vae = load_diffusers_model(str(tiny_checkpoint)).vae
     before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
     parameters = list(vae.parameters())
-    with offloaded([vae], torch.device("cpu")):
+    with Offloader([vae], torch.device("cpu")):
         assert all(p.numel() == 0 for p in vae.parameters())
     assert all(a is b for a, b in zip(parameters, vae.parameters()))
     for name, tensor in vae.state_dict().items():
@@ -98,3 +98,13 @@ def test_probe_measures_activations_that_grow_with_the_batch(tiny_checkpoint, sa
     config.training.batch_size = 4
     four = estimate_memory(model, config, (64, 64), 1000, per_pixel)
     assert four.activations == pytest.approx(4 * one.activations, rel=1e-6) and four.weights == one.weights
+
+
+def test_suspended_brings_offloaded_modules_back_for_a_moment(tiny_checkpoint):
+    vae = load_diffusers_model(str(tiny_checkpoint)).vae
+    before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
+    with Offloader([vae], torch.device("cpu")) as offloader:
+        with offloader.suspended():  # e.g. a preview image in the middle of training
+            assert all(torch.equal(t, before[n]) for n, t in vae.state_dict().items())
+        assert all(p.numel() == 0 for p in vae.parameters())
+    assert all(torch.equal(t, before[n]) for n, t in vae.state_dict().items())

@@ -81,7 +81,9 @@ def test_caption_then_train_then_use_the_lora(client, dataset, tmp_path):
               "model": {"lora_rank": 8, "alpha": 8, "train_text_encoder": False},
               "training": {"batch_size": 2, "max_train_steps": 12, "learning_rate": 1e-3},
               "output": {"output_name": NAME, "overwrite": True}}
-    started = client.post("/lora-train/v1/train", json={"config": config})
+    # previews need the VAE and text encoder, which a UNet-only run with cached outputs takes off the device
+    preview = {"every_n_steps": 6, "steps": 2}
+    started = client.post("/lora-train/v1/train", json={"config": config, "preview": preview})
     assert started.status_code == 200, started.text
     busy = client.post("/lora-train/v1/train", json={"config": config})
     trained = wait(client, started.json()["job_id"])
@@ -93,6 +95,8 @@ def test_caption_then_train_then_use_the_lora(client, dataset, tmp_path):
     lora = Path(WEBUI) / "models" / "Lora" / f"{NAME}.safetensors"
     assert Path(trained["output"]).resolve() == lora.resolve() and lora.is_file()
     assert verification["unmatched"] == [] and verification["matched"] == verification["stems"] > 0
+    assert [Path(p).name for p in trained["report"]["previews"]] == [
+        "step-000000.png", "step-000006.png", "step-000012.png"]
 
     assert NAME in [item["name"] for item in client.get("/sdapi/v1/loras").json()]
     assert image_hash(client, "a red circle") == before_image, "no-LoRA txt2img is bit-identical after training"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -49,33 +49,62 @@ def _checkpointed_forward(forward):
     return run
 
 
-@contextlib.contextmanager
-def offloaded(modules: List[nn.Module], device: torch.device) -> Iterator[None]:
-    """Takes the modules' weights out of `device` memory for the duration; restores them bit for bit.
+class Offloader:
+    """Takes modules' weights out of `device` memory and puts them back bit for bit (a context manager).
 
     From a GPU they go to the CPU. On the CPU they go to a temporary safetensors file (each Parameter and buffer
-    object stays, holding an empty tensor meanwhile), so RAM holds only what training needs.
+    object stays, holding an empty tensor meanwhile), so RAM holds only what training needs. `suspended()`
+    brings them back for a moment, e.g. for a preview image that needs the VAE and text encoder.
     """
-    if not modules:
-        yield
-        return
-    if torch.device(device).type != "cpu":
-        places = [next(module.parameters()).device for module in modules]
-        for module in modules:
-            module.to("cpu")
-        try:
-            yield
-        finally:
-            for module, where in zip(modules, places):
+
+    def __init__(self, modules: List[nn.Module], device: torch.device):
+        self.modules, self.device = modules, torch.device(device)
+        self._places: List[torch.device] = []
+        self._folder: Optional[tempfile.TemporaryDirectory] = None
+
+    def __enter__(self) -> "Offloader":
+        self.offload()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
+    @property
+    def away(self) -> bool:
+        return bool(self._places) or self._folder is not None
+
+    def offload(self) -> None:
+        if self.away or not self.modules:
+            return
+        if self.device.type != "cpu":
+            self._places = [next(module.parameters()).device for module in self.modules]
+            for module in self.modules:
+                module.to("cpu")
+            return
+        self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
+        for index, module in enumerate(self.modules):
+            _to_file(module, Path(self._folder.name) / f"{index}.safetensors")
+
+    def restore(self) -> None:
+        if self._places:
+            for module, where in zip(self.modules, self._places):
                 module.to(where)
-        return
-    with tempfile.TemporaryDirectory(prefix="lora-train-offload-") as folder:
-        files = [_to_file(module, Path(folder) / f"{index}.safetensors") for index, module in enumerate(modules)]
+            self._places = []
+        if self._folder is not None:
+            for index, module in enumerate(self.modules):
+                _from_file(module, Path(self._folder.name) / f"{index}.safetensors")
+            self._folder.cleanup()
+            self._folder = None
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        was_away = self.away
+        self.restore()
         try:
             yield
         finally:
-            for module, path in zip(modules, files):
-                _from_file(module, path)
+            if was_away:
+                self.offload()
 
 
 def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -84,14 +113,13 @@ def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
     return named
 
 
-def _to_file(module: nn.Module, path: Path) -> Path:
+def _to_file(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({name: t.detach().contiguous() for name, t in _tensors(module).items()}, str(path))
     with torch.no_grad():
         for tensor in _tensors(module).values():
             tensor.data = torch.empty(0, dtype=tensor.dtype)
-    return path
 
 
 def _from_file(module: nn.Module, path: Path) -> None:

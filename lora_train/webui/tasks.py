@@ -94,8 +94,9 @@ class Previews:
         size = trainer.config.data.resolution
         trainer.network.eval()
         try:
-            image = self.host.generate(prompt, self.options.seed, self.options.steps, self.options.width or size,
-                                       self.options.height or size)
+            with trainer.offloader.suspended():  # generation needs the VAE and text encoder
+                image = self.host.generate(prompt, self.options.seed, self.options.steps,
+                                           self.options.width or size, self.options.height or size)
         finally:
             trainer.network.train()
         self.folder.mkdir(parents=True, exist_ok=True)
