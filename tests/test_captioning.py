@@ -351,15 +351,16 @@ def test_cli_user_mistakes_exit_non_zero_with_one_line(argv, message, tmp_path, 
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-def test_cli_model_that_cannot_load_exits_1_with_one_line(images, capsys):
+def test_cli_model_that_cannot_load_exits_2_with_one_line_saying_what_to_give(images, capsys):
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         pytest.skip("huggingface_hub was imported before HF_HUB_OFFLINE=1 was set; this test must not go online")
     args = parse(cli_caption, ["--input", str(images), "--model", "Salesforce/blip-image-captioning-base"])
-    assert args.func(args) == 1
+    assert args.func(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and not list(images.glob("*.txt"))
+    assert "give a local model folder" in err
 
 
 def test_cli_cuda_without_gpu_exits_2_with_one_line(model_dirs, images, capsys):
