@@ -68,7 +68,8 @@ class DataConfig:
         if not Path(self.train_data_dir).is_dir():
             _fail(f"{section}.train_data_dir", self.train_data_dir, "the folder does not exist; check the path")
         if self.metadata_path and not Path(self.metadata_path).is_file():
-            _fail(f"{section}.metadata_path", self.metadata_path, "the file does not exist; fix the path or remove the key")
+            _fail(f"{section}.metadata_path", self.metadata_path,
+                  "the file does not exist; fix the path or remove the key")
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
             value = getattr(self, name)
             _check_range(f"{section}.{name}", value, 64, 4096)

@@ -4,7 +4,6 @@ exactly afterwards), resume exactness, stop modes, determinism and gradient chec
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from host_state import assert_same_model, snapshot
 from lora_train.cli import main
 from lora_train.config import DataConfig, TrainConfig
 from lora_train.models.diffusers import load_diffusers_model
@@ -69,20 +69,6 @@ def test_dry_run_prints_plan_without_training(tiny_checkpoint, sample_images, tm
     assert not (tmp_path / "out").exists()
 
 
-def snapshot(model: torch.nn.Module):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()},
-            {n: (getattr(m, "checkpoint", None), getattr(m, "use_checkpoint", None)) for n, m in model.named_modules()})
-
-
-def assert_same_host(model: torch.nn.Module, before) -> None:
-    state, grads, modes, flags = snapshot(model)
-    assert all(torch.equal(state[k], before[0][k]) for k in state) and state.keys() == before[0].keys()
-    assert grads == before[1] and modes == before[2] and flags == before[3]
-    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
-
-
 def test_ldm_model_trains_in_place_and_is_restored_exactly(tiny_ldm, sample_images, tmp_path):
     for parameter in tiny_ldm.model.parameters():
         parameter.requires_grad_(True)  # the WebUI leaves its UNet unfrozen
@@ -96,7 +82,7 @@ def test_ldm_model_trains_in_place_and_is_restored_exactly(tiny_ldm, sample_imag
     result = train_lora(config, LdmModel(tiny_ldm, name="tiny-ldm"))
     assert torch.equal(torch.rand(2), expected_draw), "the host's RNG stream is untouched"
     assert result.state == "done" and result.steps == 3
-    assert_same_host(tiny_ldm, before)
+    assert_same_model(tiny_ldm, before)
     tensors = load_file(str(result.lora_path))
     ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
     assert all(v.abs().sum() > 0 for v in ups), "every adapter (inside ldm's checkpointed blocks too) learned"

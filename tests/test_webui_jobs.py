@@ -15,7 +15,8 @@ from lora_train.config import ConfigError
 from lora_train.jobs import JobRunner
 from lora_train.webui.host import WebUIHost
 from lora_train.webui.tasks import PreviewOptions, prepare_train_config, train_job
-from webui_standin import ProbeHost, assert_same_model, installed, snapshot, train_values, wait_for_pause
+from host_state import assert_same_model, snapshot
+from webui_standin import ProbeHost, installed, train_values, wait_for_pause
 
 NAME = "webui_lora"
 JOB_TIMEOUT_S = 120

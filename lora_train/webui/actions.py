@@ -24,7 +24,8 @@ SIDECAR = ".txt"
 def scan_folder(folder: str) -> Tuple[str, Rows, List[Tuple[str, str]]]:
     """(report markdown, caption rows, gallery items) for an image folder; errors become the report."""
     if not folder or not Path(folder).is_dir():
-        return f"**{html.escape(folder or 'No folder')}** is not a folder: enter the folder that holds your images.", [], []
+        name = html.escape(folder or "No folder")
+        return f"**{name}** is not a folder: enter the folder that holds your images.", [], []
     try:
         dataset = load_dataset(DataConfig(train_data_dir=folder))
     except ValueError as error:

@@ -27,7 +27,8 @@ def ui_settings() -> None:
     from ..captioning import DEFAULT_MODEL
 
     options = {
-        "lora_train_dataset_root": shared.OptionInfo("", "Default dataset folder", gr.Textbox, section=SECTION, category_id="training"),
+        "lora_train_dataset_root": shared.OptionInfo("", "Default dataset folder", gr.Textbox, section=SECTION,
+                                                     category_id="training"),
         "lora_train_caption_model": shared.OptionInfo(DEFAULT_MODEL, "Caption model (hub id or local folder)",
                                                       gr.Textbox, section=SECTION, category_id="training"),
         "lora_train_preview_every": shared.OptionInfo(

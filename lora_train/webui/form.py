@@ -10,7 +10,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from ..config import (DEFAULT_CONFIG_PATH, LR_SCHEDULERS, MIXED_PRECISION, OPTIMIZERS, SAVE_PRECISION, SECTIONS,
                       TrainConfig)

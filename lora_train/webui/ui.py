@@ -10,7 +10,6 @@ reload.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List
 

@@ -16,7 +16,7 @@ networks. Not reproduced: fp16 weights, the hijack's wrapper around the text enc
 torch-layer forwards, `<lora:...>` in prompts, SD2's MultiheadAttention and SDXL.
 
 Helpers: `ProbeHost` (the real WebUIHost, recording progress reports and pausing a job at a step),
-`queue_lock_held`, `snapshot` / `assert_same_model`, `train_values`, `load_tiny_ldm`.
+`queue_lock_held`, `train_values`, `load_tiny_ldm`.
 """
 
 from __future__ import annotations
@@ -146,23 +146,6 @@ def wait_for_pause(host: ProbeHost, job, timeout_s: float = PAUSE_TIMEOUT_S) -> 
     while not host.paused.wait(0.05):
         assert not job.done.is_set(), f"the job ended before step {host.pause_at}: {job.snapshot()}"
         assert time.monotonic() < deadline, f"the job did not reach step {host.pause_at} in {timeout_s} s"
-
-
-def snapshot(model: torch.nn.Module):
-    """Everything a job must give back: tensors, requires_grad and training flags, ldm's checkpoint flags."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()},
-            {n: (getattr(m, "checkpoint", None), getattr(m, "use_checkpoint", None)) for n, m in model.named_modules()})
-
-
-def assert_same_model(model: torch.nn.Module, before) -> None:
-    state, grads, modes, flags = snapshot(model)
-    assert state.keys() == before[0].keys()
-    assert [k for k in state if not torch.equal(state[k], before[0][k])] == []
-    assert grads == before[1] and modes == before[2] and flags == before[3]
-    assert [n for n, m in model.named_modules()
-            if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__] == []
 
 
 def train_values(images: Path, name: str, steps: int = 2, **output) -> dict:
