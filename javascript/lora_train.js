@@ -24,6 +24,9 @@ onUiLoaded(function() {
     var id = localGet("lora_train_task_id");
     if (!id) return;
     lora_train_follow(id, 0);
-    var watch = gradioApp().getElementById("lora_train_watch");
-    if (watch) watch.click();
+    // gradio binds the button's handler after the page reports itself loaded; click once it has
+    setTimeout(function() {
+        var watch = gradioApp().getElementById("lora_train_watch");
+        if (watch) watch.click();
+    }, 2000);
 });

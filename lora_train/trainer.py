@@ -186,9 +186,11 @@ class Trainer:
         step = self.position.step + 1
         tensors = cond.values() if isinstance(cond, dict) else [cond]
         if not all(torch.isfinite(t).all() for t in tensors):
+            fix = ("its adapters may have diverged: lower training.text_encoder_lr, or set "
+                   "model.train_text_encoder: false" if self.config.model.train_text_encoder else
+                   "the checkpoint itself fails on these captions: shorten or fix them")
             return TrainingDivergedError(
-                f"the text encoder's output was not a number at step {step} for the captions of {names}; "
-                "the checkpoint also fails to generate with these captions: shorten or fix them")
+                f"the text encoder's output was not a number at step {step} for the captions of {names}; {fix}")
         return TrainingDivergedError(
             f"the loss became {loss.item()} at step {step} (images {names}); lower training.learning_rate "
             "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16")

@@ -216,3 +216,20 @@ def test_gradients_infinite_three_steps_in_a_row_stop_the_run(tiny_checkpoint, s
     with pytest.raises(TrainingDivergedError, match="not finite for 3 steps in a row"):
         train_lora(config, load_diffusers_model(str(tiny_checkpoint)), callbacks=[InfiniteGradients(10)])
     assert not config.output.lora_path.exists()
+
+
+@pytest.mark.parametrize("train_text_encoder, fix", [(True, "lower training.text_encoder_lr"),
+                                                     (False, "fails on these captions")])
+def test_a_text_encoder_giving_nan_names_the_images_and_the_fix(tiny_checkpoint, sample_images, tmp_path,
+                                                                 train_text_encoder, fix):
+    from lora_train.trainer import TrainingDivergedError
+
+    model = load_diffusers_model(str(tiny_checkpoint))
+    encode = model.encode_prompts
+    model.encode_prompts = lambda captions, sizes: encode(captions, sizes) * float("nan")
+    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
+    config.model.train_text_encoder = train_text_encoder
+    config.training.cache_text_encoder_outputs = False
+    with pytest.raises(TrainingDivergedError, match=r"text encoder's output was not a number at step 1 .*\.png") as e:
+        train_lora(config, model)
+    assert fix in str(e.value)
