@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,9 +38,12 @@ def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
 class LdmModel:
     """DiffusionModel over an ldm LatentDiffusion (SD1 or SD2)."""
 
-    def __init__(self, sd_model: nn.Module, name: str = ""):
+    def __init__(self, sd_model: nn.Module, name: str = "", device: Optional[torch.device] = None):
+        """device: where the UNet runs. The WebUI's --medvram keeps modules on the CPU between their
+        forwards and moves them in on call, so their current place is not where the work happens."""
         self.sd_model = sd_model
         self.name = name
+        self._device = torch.device(device) if device is not None else None
         self.text_model = _clip_text_model(sd_model.cond_stage_model)
         self.family = "sd1" if self.text_model is not None else "sd2"
         self.prediction = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
@@ -49,7 +52,7 @@ class LdmModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self._device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -115,9 +115,11 @@ class WebUIHost:
 
     def training_model(self) -> LdmModel:
         """The loaded checkpoint as a DiffusionModel, with the built-in Lora's merged weights undone."""
+        from modules import devices
+
         self.check_trainable()
         self.restore_base_weights()
-        return LdmModel(self.sd_model(), name=self.checkpoint_name())
+        return LdmModel(self.sd_model(), name=self.checkpoint_name(), device=devices.device)
 
     def restore_base_weights(self) -> None:
         """Makes the weights equal the checkpoint's again and stops the built-in Lora re-applying any LoRA."""

@@ -1,0 +1,6 @@
+"""Stand-in for modules.devices: where the WebUI runs its models (the CPU here)."""
+
+import torch
+
+device = torch.device("cpu")
+cpu = torch.device("cpu")
