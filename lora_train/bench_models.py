@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .models.diffusers import CONFIG_DIR, DiffusersModel
+from .models.diffusers import DiffusersModel
+from .models.text_encoders import sd1_vit_l_config
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -32,7 +33,7 @@ def build_bench_model(name: str, device: torch.device, encoders: bool = True) ->
 
 def _sd15(encoders: bool) -> DiffusersModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from .models.clip_tokenizer import cached_clip_tokenizer
 
@@ -40,7 +41,7 @@ def _sd15(encoders: bool) -> DiffusersModel:
     unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD1's
     text_encoder = vae = torch.nn.Identity()
     if encoders:
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder" / "sd1"))
+        text_encoder = CLIPTextModel(sd1_vit_l_config())
         vae = AutoencoderKL(**SD15_VAE)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return DiffusersModel(unet=unet, vae=vae, text_encoder=text_encoder,

@@ -16,6 +16,10 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
+class ModelLoadError(ValueError):
+    """A base model that cannot be used; the message says what to do."""
+
+
 @dataclass
 class TargetSpec:
     """Which parts of the model get adapters."""

@@ -3,8 +3,8 @@
 A single file is converted in memory with diffusers' own LDM converters. Its LDM config is the `.yaml` with the
 same name beside it (as the WebUI does), else the bundled SD1/SD2 config for the family found in the state-dict
 keys; SD2 eps vs v is then told by the WebUI's test (a v-model pushes a constant input strongly negative).
-Text-encoder configs and the CLIP tokenizer come from the local `version:` folder of the YAML or from bundled
-files, so nothing is fetched from a hub. Pickled .ckpt/.pt files are refused: loading them can run code.
+The text encoder is sized from its weights and the CLIP tokenizer built from open_clip's vocabulary
+(`text_encoders.py`), so nothing is fetched from a hub. Pickled .ckpt/.pt files are refused: loading them can run code.
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from . import TargetSpec
-from .clip_tokenizer import cached_clip_tokenizer
+from . import ModelLoadError, TargetSpec
 from .common import checkpointed, frozen
+from .text_encoders import convert_text_encoder
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelLoadError(ValueError):
-    """A base model that cannot be used; the message says what to do."""
 
 
 class DiffusersModel:
@@ -144,7 +140,7 @@ def _load_single_file(path: Path) -> DiffusersModel:
     config = _load_ldm_config(beside if beside.is_file() else CONFIG_DIR / "ldm" / f"{family}.yaml")
     unet = _convert_unet(checkpoint, config)
     prediction = _prediction(config, family, unet, explicit=beside.is_file())
-    text_encoder, tokenizer = _convert_text_encoder(checkpoint, config, family)
+    text_encoder, tokenizer = convert_text_encoder(checkpoint, config, family)
     return DiffusersModel(unet=unet, vae=_convert_vae(checkpoint, config), text_encoder=text_encoder,
                           tokenizer=tokenizer, alphas_cumprod=_alphas_cumprod(checkpoint, config),
                           prediction=prediction, family=family, name=path.stem)
@@ -187,28 +183,6 @@ def _load_strict(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: s
     except RuntimeError as error:
         raise ModelLoadError(f"the checkpoint's {what} does not match its config ({str(error)[:300]}); "
                              "put the model's own .yaml beside it with the same name") from None
-
-
-def _convert_text_encoder(checkpoint: Dict[str, torch.Tensor], config: Any, family: str):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    version = str(config.model.params.cond_stage_config.params.get("version", "") or "")
-    local = Path(version) if version and Path(version).is_dir() else None
-    if family == "sd1":
-        from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_clip_checkpoint
-
-        clip_config = CLIPTextConfig.from_pretrained(local or CONFIG_DIR / "text_encoder" / "sd1")
-        tokenizer = CLIPTokenizer.from_pretrained(local if local else cached_clip_tokenizer())
-        text_encoder = convert_ldm_clip_checkpoint(checkpoint, text_encoder=CLIPTextModel(clip_config))
-        return text_encoder, tokenizer
-    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_open_clip_checkpoint
-
-    clip_config = CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder" / "sd2")
-    last = f"cond_stage_model.model.transformer.resblocks.{clip_config.num_hidden_layers}."
-    kept = {k: v for k, v in checkpoint.items() if not k.startswith(last)}  # SD2 uses the penultimate layer
-    text_encoder = convert_open_clip_checkpoint(kept, str(CONFIG_DIR / "text_encoder" / "sd2"),
-                                                local_files_only=True)
-    return text_encoder, CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad_token="!"))
 
 
 def _prediction(config: Any, family: str, unet: nn.Module, explicit: bool) -> str:

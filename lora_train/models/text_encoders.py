@@ -1,0 +1,125 @@
+"""The text encoder of a single-file SD1/SD2 checkpoint as a transformers CLIPTextModel, sized from its weights.
+
+Widths and depths are read from the state dict, so any SD1/SD2-layout checkpoint converts without a hub
+download. Heads cannot be read from weights: they come from the local `version:` folder of the LDM config
+(SD1), from open_clip's config of the `arch:` it names (SD2), else width / 64 (true for SD1.x and SD2.x).
+SD2 uses the penultimate layer (`layer: penultimate`), so the last block is left out, as the WebUI does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from . import ModelLoadError
+from .clip_tokenizer import cached_clip_tokenizer
+
+SD1_PREFIX = "cond_stage_model.transformer.text_model."
+# openai CLIP ViT-L/14's text tower, SD1's text encoder
+SD1_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", max_position_embeddings=77, projection_dim=768)
+SD2_PREFIX = "cond_stage_model.model."
+
+
+def _count(checkpoint: Dict[str, torch.Tensor], pattern: str) -> int:
+    indices = {int(m.group(1)) for key in checkpoint for m in [re.match(pattern, key)] if m}
+    return max(indices) + 1 if indices else 0
+
+
+def sd1_vit_l_config():
+    return _clip_config(**SD1_VIT_L)
+
+
+def _clip_config(**values):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1, **values)
+
+
+def sd1_config(checkpoint: Dict[str, torch.Tensor], local: Optional[Path]):
+    from transformers import CLIPTextConfig
+
+    if local is not None:
+        return CLIPTextConfig.from_pretrained(local)
+    width = checkpoint[SD1_PREFIX + "embeddings.token_embedding.weight"].shape[1]
+    return _clip_config(
+        hidden_size=width, num_attention_heads=max(1, width // 64), hidden_act="quick_gelu",
+        num_hidden_layers=_count(checkpoint, re.escape(SD1_PREFIX) + r"encoder\.layers\.(\d+)\."),
+        intermediate_size=checkpoint[SD1_PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_position_embeddings=checkpoint[SD1_PREFIX + "embeddings.position_embedding.weight"].shape[0],
+        projection_dim=width)
+
+
+def sd2_config(checkpoint: Dict[str, torch.Tensor], params: Any):
+    width = checkpoint[SD2_PREFIX + "token_embedding.weight"].shape[1]
+    blocks = _count(checkpoint, re.escape(SD2_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+    penultimate = str(params.get("layer", "last")) == "penultimate"
+    projection = checkpoint.get(SD2_PREFIX + "text_projection")
+    return _clip_config(
+        hidden_size=width, num_attention_heads=_open_clip_heads(str(params.get("arch", ""))) or max(1, width // 64),
+        hidden_act="gelu", num_hidden_layers=blocks - 1 if penultimate else blocks,
+        intermediate_size=checkpoint[SD2_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        max_position_embeddings=checkpoint[SD2_PREFIX + "positional_embedding"].shape[0],
+        projection_dim=projection.shape[1] if projection is not None else width)
+
+
+def _open_clip_heads(arch: str) -> Optional[int]:
+    try:
+        from open_clip import get_model_config
+    except ImportError:
+        return None
+    config = get_model_config(arch) if arch else None
+    return config["text_cfg"].get("heads") if config else None
+
+
+def convert_text_encoder(checkpoint: Dict[str, torch.Tensor], config: Any, family: str) -> Tuple[Any, Any]:
+    """(CLIPTextModel, CLIPTokenizer) for the checkpoint's text encoder; `config` is its LDM config."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    params = config.model.params.cond_stage_config.get("params", {}) or {}
+    version = str(params.get("version", "") or "")
+    local = Path(version) if version and Path(version).is_dir() else None
+    if family == "sd1":
+        from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_clip_checkpoint
+
+        text_encoder = convert_ldm_clip_checkpoint(checkpoint,
+                                                   text_encoder=CLIPTextModel(sd1_config(checkpoint, local)))
+        return text_encoder, CLIPTokenizer.from_pretrained(local if local else cached_clip_tokenizer())
+    return _convert_sd2(checkpoint, sd2_config(checkpoint, params)), \
+        CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad_token="!"))
+
+
+_OPEN_CLIP_TO_HF = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
+                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj."))
+
+
+def _convert_sd2(checkpoint: Dict[str, torch.Tensor], clip_config) -> Any:
+    """OpenCLIP's text tower (fused q/k/v in_proj) as a CLIPTextModel with separate q/k/v projections."""
+    from transformers import CLIPTextModel
+
+    width, layers = clip_config.hidden_size, clip_config.num_hidden_layers
+    state = {"text_model.embeddings.token_embedding.weight": checkpoint[SD2_PREFIX + "token_embedding.weight"],
+             "text_model.embeddings.position_embedding.weight": checkpoint[SD2_PREFIX + "positional_embedding"],
+             "text_model.final_layer_norm.weight": checkpoint[SD2_PREFIX + "ln_final.weight"],
+             "text_model.final_layer_norm.bias": checkpoint[SD2_PREFIX + "ln_final.bias"]}
+    for layer in range(layers):
+        source, target = f"{SD2_PREFIX}transformer.resblocks.{layer}.", f"text_model.encoder.layers.{layer}."
+        for kind in ("weight", "bias"):
+            fused = checkpoint[f"{source}attn.in_proj_{kind}"]
+            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                state[f"{target}self_attn.{name}.{kind}"] = fused[index * width:(index + 1) * width]
+        for key, value in checkpoint.items():
+            if key.startswith(source) and ".in_proj_" not in key:
+                rest = key[len(source):]
+                for old, new in _OPEN_CLIP_TO_HF:
+                    rest = rest.replace(old, new)
+                state[target + rest] = value
+    model = CLIPTextModel(clip_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [key for key in missing if not key.endswith("position_ids")]:
+        raise ModelLoadError(f"the SD2 text encoder does not convert (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); put the model's own .yaml beside it with the same name")
+    return model
