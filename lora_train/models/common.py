@@ -13,6 +13,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def empty_module(cls, **config) -> nn.Module:
+    """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""
+    with torch.device("meta"):
+        return cls(**config)
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """requires_grad=False on every parameter for the duration; each flag restored afterwards."""

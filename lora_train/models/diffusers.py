@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ModelLoadError, TargetSpec
-from .common import checkpointed, frozen
+from .common import checkpointed, empty_module, frozen
 from .text_encoders import convert_text_encoder
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
@@ -80,7 +80,10 @@ class DiffusersModel:
 
 
 def load_diffusers_model(base_model: str) -> DiffusersModel:
-    """Loads a .safetensors checkpoint or a diffusers folder on the CPU, fp32.
+    """Loads a .safetensors checkpoint or a diffusers folder on the CPU, in the file's precision.
+
+    A single file's tensors become the weights (nothing is initialised and then overwritten), so loading
+    takes about the file's size in memory; `DiffusersModel.to(device, dtype)` then places and casts them.
 
     Raises:
         ModelLoadError: a pickle file, an unknown file type, or not an SD1/SD2 model.
@@ -161,7 +164,7 @@ def _convert_unet(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module
                                                                         create_unet_diffusers_config)
 
     unet_config = create_unet_diffusers_config(config, image_size=512)
-    unet = UNet2DConditionModel(**unet_config)
+    unet = empty_module(UNet2DConditionModel, **unet_config)
     _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), "UNet")
     return unet
 
@@ -172,14 +175,15 @@ def _convert_vae(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
                                                                         create_vae_diffusers_config)
 
     vae_config = create_vae_diffusers_config(config, image_size=512)
-    vae = AutoencoderKL(**vae_config, scaling_factor=float(config.model.params.scale_factor))
+    vae = empty_module(AutoencoderKL, **vae_config, scaling_factor=float(config.model.params.scale_factor))
     _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, vae_config), "VAE")
     return vae
 
 
 def _load_strict(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """Loads by taking the checkpoint's tensors as the weights (no second copy of the model in memory)."""
     try:
-        module.load_state_dict(state_dict)
+        module.load_state_dict(state_dict, assign=True)
     except RuntimeError as error:
         raise ModelLoadError(f"the checkpoint's {what} does not match its config ({str(error)[:300]}); "
                              "put the model's own .yaml beside it with the same name") from None
@@ -195,8 +199,8 @@ def _prediction(config: Any, family: str, unet: nn.Module, explicit: bool) -> st
 @torch.no_grad()
 def _pushes_constant_negative(unet: nn.Module) -> bool:
     """The WebUI's SD2 v-model test: at t=999 a v-model's output for a constant 0.5 input is far below it."""
-    x = torch.full((1, 4, 8, 8), 0.5)
-    cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+    x = torch.full((1, 4, 8, 8), 0.5, dtype=unet.dtype)
+    cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=unet.dtype)
     return (unet(x, torch.tensor([999]), encoder_hidden_states=cond).sample - x).mean().item() < -1
 
 

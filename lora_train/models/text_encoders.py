@@ -16,6 +16,7 @@ import torch
 
 from . import ModelLoadError
 from .clip_tokenizer import cached_clip_tokenizer
+from .common import empty_module
 
 SD1_PREFIX = "cond_stage_model.transformer.text_model."
 # openai CLIP ViT-L/14's text tower, SD1's text encoder
@@ -75,6 +76,15 @@ def _open_clip_heads(arch: str) -> Optional[int]:
     return config["text_cfg"].get("heads") if config else None
 
 
+def _with_position_ids(model):
+    """CLIP's position_ids buffer (0..n-1), which some checkpoints leave out, made real if it is not."""
+    embeddings = model.text_model.embeddings
+    if embeddings.position_ids.is_meta:
+        count = embeddings.position_embedding.num_embeddings
+        embeddings.position_ids = torch.arange(count).expand((1, -1))
+    return model
+
+
 def convert_text_encoder(checkpoint: Dict[str, torch.Tensor], config: Any, family: str) -> Tuple[Any, Any]:
     """(CLIPTextModel, CLIPTokenizer) for the checkpoint's text encoder; `config` is its LDM config."""
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -85,8 +95,8 @@ def convert_text_encoder(checkpoint: Dict[str, torch.Tensor], config: Any, famil
     if family == "sd1":
         from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_clip_checkpoint
 
-        text_encoder = convert_ldm_clip_checkpoint(checkpoint,
-                                                   text_encoder=CLIPTextModel(sd1_config(checkpoint, local)))
+        empty = empty_module(CLIPTextModel, config=sd1_config(checkpoint, local))
+        text_encoder = _with_position_ids(convert_ldm_clip_checkpoint(checkpoint, text_encoder=empty))
         return text_encoder, CLIPTokenizer.from_pretrained(local if local else cached_clip_tokenizer())
     return _convert_sd2(checkpoint, sd2_config(checkpoint, params)), \
         CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad_token="!"))
@@ -117,8 +127,9 @@ def _convert_sd2(checkpoint: Dict[str, torch.Tensor], clip_config) -> Any:
                 for old, new in _OPEN_CLIP_TO_HF:
                     rest = rest.replace(old, new)
                 state[target + rest] = value
-    model = CLIPTextModel(clip_config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = empty_module(CLIPTextModel, config=clip_config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _with_position_ids(model)
     if unexpected or [key for key in missing if not key.endswith("position_ids")]:
         raise ModelLoadError(f"the SD2 text encoder does not convert (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}); put the model's own .yaml beside it with the same name")
