@@ -123,21 +123,18 @@ def train_job(values: Dict[str, Any], host: WebUIHost, preview: Optional[Preview
                       "previews": previews.paths, "epoch_files": [str(p) for p in result.epoch_files],
                       "checkpoints": [str(p) for p in result.checkpoints], "discarded": result.lora_path is None,
                       "skipped_steps": result.skipped_steps}
-            if result.lora_path is not None:
-                report["verification"] = dataclasses.asdict(host.verify_lora(result.lora_path))
+            verification = host.verify_lora(result.lora_path) if result.lora_path is not None else None
+            if verification is not None:
+                report["verification"] = dataclasses.asdict(verification)
                 host.refresh_loras()
             host.clear_cond_cache()
-        _raise_if_unmatched(report.get("verification"), result.lora_path)
+        if verification is not None and not verification.ok:
+            raise RuntimeError(f"{result.lora_path} was saved, but the WebUI's Lora loader placed "
+                               f"{verification.matched} of its {verification.stems} layers (could not place: "
+                               f"{', '.join(verification.unmatched[:5])}); please report this")
         state = "done" if result.state == "done" else "stopped"
         return JobResult(state=state, output=str(result.lora_path) if result.lora_path else None, report=report)
     return work
-
-
-def _raise_if_unmatched(verification: Optional[Dict[str, Any]], path: Optional[Path]) -> None:
-    if verification and verification["unmatched"]:
-        names = ", ".join(verification["unmatched"][:5])
-        raise RuntimeError(f"{path} was saved, but the WebUI's Lora loader could not place "
-                           f"{len(verification['unmatched'])} of its layers ({names}); please report this")
 
 
 @dataclass
