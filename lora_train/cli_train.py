@@ -21,7 +21,7 @@ from .export import OutputExistsError
 from .models.diffusers import ModelLoadError
 from .pipeline import TrainingOutOfMemoryError
 from .preflight import MemoryPreflightError
-from .trainer import TrainingDivergedError
+from .trainer import TrainingDivergedError, step_plan
 
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
                TrainingDivergedError, MemoryPreflightError, TrainingOutOfMemoryError)
@@ -60,8 +60,7 @@ def _dry_run(config: TrainConfig) -> int:
 
 def _plan(config: TrainConfig, dataset) -> str:
     train = config.training
-    per_epoch = -(-dataset.steps_per_epoch(train.batch_size) // train.gradient_accumulation_steps)
-    total = train.max_train_steps or per_epoch * train.epochs
+    per_epoch, total = step_plan(dataset, train)
     return (f"{per_epoch} optimizer steps per epoch x {train.epochs} epochs -> {total} steps"
             + (" (max_train_steps)" if train.max_train_steps else ""))
 

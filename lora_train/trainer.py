@@ -53,6 +53,12 @@ class StepInfo:
         return max(0, self.total_steps - self.step) * self.seconds_per_step
 
 
+def step_plan(dataset, training) -> Tuple[int, int]:
+    """(optimizer steps per epoch, total steps): an epoch's last micro-batches form a short accumulation group."""
+    per_epoch = math.ceil(dataset.steps_per_epoch(training.batch_size) / training.gradient_accumulation_steps)
+    return per_epoch, training.max_train_steps or per_epoch * training.epochs
+
+
 def _micro_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step) % (2 ** 63)
 
@@ -69,8 +75,7 @@ class Trainer:
         self.device = torch.device(device)
         train = config.training
         self.batches_per_epoch = dataset.steps_per_epoch(train.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / train.gradient_accumulation_steps)
-        self.total_steps = train.max_train_steps or self.steps_per_epoch * train.epochs
+        self.steps_per_epoch, self.total_steps = step_plan(dataset, train)
         self.optimizer = build_optimizer(train.optimizer, [
             {"params": network.parameters_for(UNET_PREFIX), "lr": train.learning_rate},
             {"params": network.parameters_for(TEXT_ENCODER_PREFIX), "lr": train.effective_text_encoder_lr}])

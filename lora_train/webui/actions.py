@@ -16,6 +16,7 @@ from ..captions_io import read_sidecar, write_text_atomic
 from ..config import ConfigError, DataConfig, TrainConfig, config_from_dict, load_config, save_config
 from ..dataset import load_dataset
 from ..jobs import JobRunner
+from ..trainer import step_plan
 
 Rows = List[List[str]]
 SIDECAR = ".txt"
@@ -109,8 +110,7 @@ def estimate(config: TrainConfig, seconds_per_step: Optional[float]) -> str:
     """Steps, images and buckets for the settings, and the time when a step has been measured before."""
     dataset = load_dataset(config.data)
     train = config.training
-    per_epoch = -(-dataset.steps_per_epoch(train.batch_size) // train.gradient_accumulation_steps)
-    total = train.max_train_steps or per_epoch * train.epochs
+    per_epoch, total = step_plan(dataset, train)
     buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(dataset.bucket_counts().items()))
     time = (f"about {total * seconds_per_step / 60:.1f} min at the last run's {seconds_per_step:.2f} s/step"
             if seconds_per_step else "time: shown once the first steps have run")
