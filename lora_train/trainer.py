@@ -75,7 +75,7 @@ class Trainer:
         self.device = torch.device(device)
         train = config.training
         self.batches_per_epoch = dataset.steps_per_epoch(train.batch_size)
-        self.steps_per_epoch, self.total_steps = step_plan(dataset, train)
+        _, self.total_steps = step_plan(dataset, train)
         self.optimizer = build_optimizer(train.optimizer, [
             {"params": network.parameters_for(UNET_PREFIX), "lr": train.learning_rate},
             {"params": network.parameters_for(TEXT_ENCODER_PREFIX), "lr": train.effective_text_encoder_lr}])

@@ -164,13 +164,17 @@ def _wire_dataset(ui: SimpleNamespace) -> None:
     ui.save.click(_guarded(actions.save_captions), [ui.folder, ui.grid], [ui.saved])
 
 
-def _guarded(function):
-    """Runs a handler and shows a user mistake as text instead of an error popup with a traceback."""
+def _guarded(function, unchanged: int = 0):
+    """Runs a handler and shows a user mistake as text instead of an error popup with a traceback.
+
+    The message is the last output; the `unchanged` outputs before it are left as they were.
+    """
     def run(*args):
         try:
             return function(*args)
         except (ValueError, OSError) as error:
-            return f"**Error:** {error}"
+            message = f"**Error:** {error}"
+            return (*[gr.update()] * unchanged, message) if unchanged else message
     return run
 
 
@@ -198,17 +202,8 @@ def _wire_settings(ui: SimpleNamespace, host: WebUIHost, runner: JobRunner) -> N
         return actions.estimate(config, seconds / steps if seconds and steps else None)
 
     ui.load_preset.click(load, [ui.preset], ui.components)
-    ui.save_preset.click(_guarded_pair(save), [ui.preset_name, *ui.components], [ui.preset, ui.preset_status])
+    ui.save_preset.click(_guarded(save, unchanged=1), [ui.preset_name, *ui.components], [ui.preset, ui.preset_status])
     ui.estimate.click(_guarded(estimate), [ui.folder, *ui.components], [ui.estimate_text])
-
-
-def _guarded_pair(function):
-    def run(*args):
-        try:
-            return function(*args)
-        except (ValueError, OSError) as error:
-            return gr.update(), f"**Error:** {error}"
-    return run
 
 
 def _watch(runner: JobRunner, kind: str) -> Iterator[tuple]:
