@@ -3,6 +3,8 @@ modules come back bit for bit, and the preflight tells a configuration that fits
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -108,3 +110,14 @@ def test_suspended_brings_offloaded_modules_back_for_a_moment(tiny_checkpoint):
             assert all(torch.equal(t, before[n]) for n, t in vae.state_dict().items())
         assert all(p.numel() == 0 for p in vae.parameters())
     assert all(torch.equal(t, before[n]) for n, t in vae.state_dict().items())
+
+
+def test_a_truncated_offload_file_is_an_error_not_silently_wrong_weights(tiny_checkpoint):
+    vae = load_diffusers_model(str(tiny_checkpoint)).vae
+    offloader = Offloader([vae], torch.device("cpu"))
+    offloader.offload()
+    spilled = next(Path(offloader._folder.name).iterdir())
+    spilled.write_bytes(spilled.read_bytes()[:-4])
+    with pytest.raises(OSError, match="truncated"):
+        offloader.restore()
+

@@ -4,9 +4,11 @@ exactly what it did on exit."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +60,7 @@ def _checkpointed_forward(forward):
 class Offloader:
     """Takes modules' weights out of `device` memory and puts them back bit for bit (a context manager).
 
-    From a GPU they go to the CPU. On the CPU they go to a temporary safetensors file (each Parameter and buffer
+    From a GPU they go to the CPU. On the CPU their bytes are streamed to a temporary file (each Parameter and buffer
     object stays, holding an empty tensor meanwhile), so RAM holds only what training needs. `suspended()`
     brings them back for a moment, e.g. for a preview image that needs the VAE and text encoder.
     """
@@ -67,6 +69,7 @@ class Offloader:
         self.modules, self.device = modules, torch.device(device)
         self._places: List[torch.device] = []
         self._folder: Optional[tempfile.TemporaryDirectory] = None
+        self._layouts: List[List[Tuple[torch.Size, torch.dtype]]] = []
 
     def __enter__(self) -> "Offloader":
         self.offload()
@@ -88,8 +91,8 @@ class Offloader:
                 module.to("cpu")
             return
         self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
-        for index, module in enumerate(self.modules):
-            _to_file(module, Path(self._folder.name) / f"{index}.safetensors")
+        self._layouts = [_to_file(module, Path(self._folder.name) / f"{index}.bin")
+                         for index, module in enumerate(self.modules)]
 
     def restore(self) -> None:
         if self._places:
@@ -97,8 +100,9 @@ class Offloader:
                 module.to(where)
             self._places = []
         if self._folder is not None:
-            for index, module in enumerate(self.modules):
-                _from_file(module, Path(self._folder.name) / f"{index}.safetensors")
+            release_freed_memory()  # training's freed activations, so they and the weights never add up
+            for index, (module, layout) in enumerate(zip(self.modules, self._layouts)):
+                _from_file(module, Path(self._folder.name) / f"{index}.bin", layout)
             self._folder.cleanup()
             self._folder = None
 
@@ -119,19 +123,36 @@ def _tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
     return named
 
 
-def _to_file(module: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+def release_freed_memory() -> None:
+    """Gives freed heap pages back to the OS (glibc's malloc_trim); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    save_file({name: t.detach().contiguous() for name, t in _tensors(module).items()}, str(path))
+
+def _to_file(module: nn.Module, path: Path) -> List[Tuple[torch.Size, torch.dtype]]:
+    """Streams each weight's bytes to `path` (no second copy in RAM), then frees it; returns shapes and dtypes."""
+    tensors = list(_tensors(module).values())
+    layout = [(t.shape, t.dtype) for t in tensors]
+    with open(path, "wb") as file:
+        for tensor in tensors:
+            file.write(_byte_view(tensor.detach().contiguous()))
     with torch.no_grad():
-        for tensor in _tensors(module).values():
+        for tensor in tensors:
             tensor.data = torch.empty(0, dtype=tensor.dtype)
+    return layout
 
 
-def _from_file(module: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
+def _from_file(module: nn.Module, path: Path, layout: List[Tuple[torch.Size, torch.dtype]]) -> None:
+    with open(path, "rb") as file, torch.no_grad():
+        for tensor, (shape, dtype) in zip(_tensors(module).values(), layout):
+            restored = torch.empty(shape, dtype=dtype)
+            if file.readinto(_byte_view(restored)) != restored.numel() * restored.element_size():
+                raise OSError(f"offloaded weights in {path} are truncated; the model was not restored")
+            tensor.data = restored
 
-    saved = load_file(str(path))
-    with torch.no_grad():
-        for name, tensor in _tensors(module).items():
-            tensor.data = saved[name]
+
+def _byte_view(tensor: torch.Tensor):
+    """The tensor's memory as a writable numpy uint8 array (no copy; any dtype, bf16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
