@@ -1,7 +1,7 @@
 """Training-step benchmark (`python -m lora_train bench train`): ours vs. the bare UNet step vs. a reference loop.
 
 One command runs, on the same model, images and settings, the loops of `lora_train.bench_loops` (floor, ours,
-reference; with `--fast` also ours with `training.compile`), each in a fresh process so that peak memory is per
+reference; with `--fast` also ours with the fast-path settings), each in a fresh process so that peak memory is per
 row, and prints ms/step (median after warm-up), it/s, peak memory and the ratios ours/floor and ours/reference.
 On the CPU the peak is the process's peak RSS (everything: Python, torch, weights, activations); on a GPU it is
 `torch.cuda.max_memory_allocated`. Timings are noisy on shared machines: the load average is printed with them.
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .bench_loops import BenchSettings, RowResult, run_row
+from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
 from .tiny import build_tiny_checkpoint
 
 GIB = 1024 ** 3
@@ -36,7 +36,7 @@ def format_table(results: Dict[str, RowResult], memory: str) -> str:
     lines = [f"{'loop':<10} {'ms/step':>9} {'it/s':>7} {memory:>14}  {'vs floor':>8}  first/last loss"]
     floor = results["floor"]
     for name, row in results.items():
-        extra = f"  (compile + first step {row.setup_seconds:.1f} s)" if row.setup_seconds else ""
+        extra = f"  (first step {row.setup_seconds:.1f} s)" if row.setup_seconds else ""
         lines.append(f"{name:<10} {row.median_ms:>9.1f} {1000 / row.median_ms:>7.2f} "
                      f"{row.peak_bytes / GIB:>10.2f} GiB  {row.median_ms / floor.median_ms:>7.2f}x  "
                      f"{row.losses[0]:.4f} / {row.losses[-1]:.4f}{extra}")
@@ -77,7 +77,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    parser.add_argument("--fast", action="store_true", help="also time ours with training.compile: true")
+    parser.add_argument("--fast", action="store_true", help="also time ours with the fast path: "
+                        + ", ".join(f"training.{key}: {value}" for key, value in FAST_PATH.items()))
     parser.set_defaults(func=run)
     return parser
 

@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .dataset import Dataset, load_dataset
 from .export import build_metadata, check_free, save_lora
 from .models import TargetSpec
+from .models.common import float32_matmul_precision
 from .network import LoRANetwork, NetworkSpec, create_network
 from .preflight import check_device_memory, remedy_text
 from .tb_logger import TensorBoardLogger
@@ -101,8 +102,9 @@ def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
     for callback in (tensorboard, artifacts, *callbacks):
         trainer.add_callback(callback)
     try:
-        with _forked_rng(model.device), model.training(config.training.gradient_checkpointing,
-                                                       config.model.train_text_encoder), attached(network):
+        with _forked_rng(model.device), float32_matmul_precision(config.training.matmul_precision), \
+                model.training(config.training.gradient_checkpointing, config.model.train_text_encoder), \
+                attached(network):
             largest = max(dataset.bucket_counts(), key=lambda bucket: bucket[0] * bucket[1])
             check_device_memory(model, config, largest, sum(p.numel() for p in network.parameters()))
             network.train()

@@ -27,7 +27,7 @@ from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoi
 from .config import TrainConfig
 from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
-from .models.common import Offloader
+from .models.common import Offloader, channels_last
 from .optim import build_optimizer, build_scheduler
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
 
@@ -123,7 +123,8 @@ class Trainer:
             self.resume(Path(self.config.training.resume_from_checkpoint))
         encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
         self.offloader = Offloader(encoders, self.device)
-        with self.offloader:
+        # the UNet changes memory order only while the encoders are away, so their weights and its copies never add up
+        with self.offloader, channels_last(self.model.unet, self.config.training.channels_last):
             self._trigger("start")
             started, start_step = time.perf_counter(), self.position.step
             while self.position.step < self.total_steps and self.stop_mode is None:

@@ -49,6 +49,38 @@ def checkpointed(blocks: List[nn.Module]) -> Iterator[None]:
                 block.forward = previous
 
 
+@contextlib.contextmanager
+def channels_last(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """4-D weights (convolutions) in channels-last memory order for the duration; same values, each put back.
+
+    Convolution outputs follow their weights' order, so the activations go channels-last too. Weights that were
+    channels-last already (the WebUI's --opt-channelslast) are left as they are.
+    """
+    moved = [t for t in [*module.parameters(), *module.buffers()]
+             if enabled and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last)]
+    try:
+        with torch.no_grad():
+            for tensor in moved:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor in moved:
+                tensor.data = tensor.data.contiguous()
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision for the duration; the process's setting (and TF32 flag) put back."""
+    saved, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def _checkpointed_forward(forward):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
