@@ -83,4 +83,4 @@ def run(args: argparse.Namespace) -> int:
     _caption(dataset, build_tiny_blip(out / "model" / "tiny-blip"))
     config = write_demo_config(out, checkpoint, dataset)
     print(f"training with {config}")
-    return cli_train.run(argparse.Namespace(config=str(config), dry_run=False))
+    return cli_train.run(argparse.Namespace(config=str(config), dry_run=False, apply_advice=False))

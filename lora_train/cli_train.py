@@ -2,7 +2,9 @@
 
 Prints a progress bar (step, loss, it/s, ETA) and a summary of where every file went. Exit code 0 on success;
 a user mistake (bad config, dataset, model or output name) prints one line starting with "error:" and exits 2.
-The first Ctrl+C stops after the current step and saves; a second one aborts without saving.
+The first Ctrl+C stops after the current step and saves; a second one aborts without saving. With
+`--apply-advice`, settings that do not fit the GPU are changed as the memory preflight suggests, and the run starts
+once more.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .dataset import DatasetError, load_dataset
 from .export import OutputExistsError
 from .models.diffusers import ModelLoadError
 from .pipeline import TrainingOutOfMemoryError
-from .preflight import MemoryPreflightError
+from .preflight import MemoryPreflightError, apply_changes, changes_text
 from .trainer import TrainingDivergedError, step_plan
 
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
@@ -33,6 +35,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config", required=True, help="YAML file (see lora_train/configs/lora_default.yaml)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, dataset report, buckets and step count; train nothing")
+    parser.add_argument("--apply-advice", action="store_true",
+                        help="when the settings do not fit the GPU's memory, apply the suggested changes and "
+                             "start again (once)")
     parser.set_defaults(func=run)
 
 
@@ -41,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config).validate()
         if args.dry_run:
             return _dry_run(config)
-        return _train(config)
+        return _train(config, args.apply_advice)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        hint = " (or rerun with --apply-advice)" if getattr(error, "changes", None) else ""
+        print(f"error: {error}{hint}", file=sys.stderr)
         return 2
 
 
@@ -97,13 +103,13 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
-def _train(config: TrainConfig) -> int:
+def _train(config: TrainConfig, apply_advice: bool = False) -> int:
     import torch
 
     from .models.diffusers import load_diffusers_model
-    from .pipeline import train_lora
 
     dataset = load_dataset(config.data)
     print(dataset.report.summary(), file=sys.stderr)
@@ -113,12 +119,30 @@ def _train(config: TrainConfig) -> int:
     progress = _Progress()
     previous = signal.signal(signal.SIGINT, progress.interrupt)
     try:
-        result = train_lora(config, model, callbacks=[progress], dataset=dataset)
+        result = _train_fitting(config, model, dataset, progress, apply_advice)
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
     _print_summary(result)
     return 0
+
+
+def _train_fitting(config: TrainConfig, model, dataset, progress: _Progress, apply_advice: bool):
+    """train_lora; with apply_advice, a run that does not fit the GPU starts once more with the suggested changes."""
+    from .pipeline import train_lora
+
+    try:
+        return train_lora(config, model, callbacks=[progress], dataset=dataset)
+    except (MemoryPreflightError, TrainingOutOfMemoryError) as error:
+        if not (apply_advice and error.changes):
+            raise
+        changes = error.changes
+    print(f"memory: applying {changes_text(changes)} and starting again", file=sys.stderr)
+    progress.close()
+    config = apply_changes(config, changes)
+    if any(key.startswith("data.") for key in changes):
+        dataset = load_dataset(config.data)  # the buckets follow the resolution
+    return train_lora(config, model, callbacks=[progress], dataset=dataset)
 
 
 def _weight_dtype(config: TrainConfig, device) -> "torch.dtype":

@@ -42,6 +42,7 @@ class JobStatus:
     eta_s: Optional[float] = None
     output: Optional[str] = None  # the file written (the LoRA, or the CSV/folder for captions)
     error: Optional[str] = None
+    advice: Dict[str, Any] = field(default_factory=dict)  # settings that would fix a failure: {"training.batch_size": 2}
     message: str = ""  # one line for people: what is happening now
     report: Dict[str, Any] = field(default_factory=dict)
     losses: List[float] = field(default_factory=list)
@@ -89,7 +90,7 @@ class Job:
     def _finish(self, result: Optional[JobResult], error: Optional[BaseException]) -> None:
         if error is not None:
             self.update(state="failed", error=_describe(error), message=f"failed: {_describe(error)}",
-                        finished=time.time())
+                        advice=dict(getattr(error, "changes", None) or {}), finished=time.time())
         else:
             self.update(state=result.state, output=result.output, report=result.report, finished=time.time())
         self.done.set()

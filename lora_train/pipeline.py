@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -21,13 +21,18 @@ from .export import build_metadata, check_free, save_lora
 from .models import TargetSpec
 from .models.common import float32_matmul_precision
 from .network import LoRANetwork, NetworkSpec, create_network
-from .preflight import check_device_memory, remedy_text
+from .preflight import changes_text, check_device_memory, remedies
 from .tb_logger import TensorBoardLogger
 from .trainer import Callback, Trainer
 
 
 class TrainingOutOfMemoryError(RuntimeError):
-    """The device ran out of memory mid-run; the model was restored and the message says what to change."""
+    """The device ran out of memory mid-run; the model was restored, the message says what to change and
+    `changes` holds those settings ({"training.batch_size": 2, ...})."""
+
+    def __init__(self, message: str, changes: Dict[str, object]):
+        super().__init__(message)
+        self.changes = changes
 
 
 @dataclass
@@ -111,9 +116,10 @@ def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
             trainer.run()
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
+        changes = remedies(config)
         raise TrainingOutOfMemoryError(
             f"the GPU ran out of memory at step {trainer.position.step + 1}; the model is restored. Set "
-            f"{remedy_text(config)} (or close other programs using the GPU) and start again") from None
+            f"{changes_text(changes)} (or close other programs using the GPU) and start again", changes) from None
     finally:
         tensorboard.close()
     state = {None: "done", "save": "stopped", "discard": "discarded"}[trainer.stop_mode]

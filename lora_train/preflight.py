@@ -65,8 +65,7 @@ class Preflight:
             return head + ": fits"
         if not self.changes:
             return head + ": does not fit even at batch size 1 and the lowest resolution; use a larger GPU"
-        fix = ", ".join(f"{key}: {value}" for key, value in self.changes.items())
-        return head + f": does not fit; set {fix}"
+        return head + f": does not fit; set {changes_text(self.changes)}"
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -123,8 +122,13 @@ def _remedies(config) -> List[Tuple[str, object]]:
     return steps
 
 
-def remedy_text(config, count: int = 3) -> str:
-    return ", ".join(f"{key}: {value}" for key, value in dict(_remedies(config)[:count]).items())
+def remedies(config, count: int = 3) -> Dict[str, object]:
+    """The first `count` remedies together, for when no estimate says which is enough (a mid-run OOM)."""
+    return dict(_remedies(config)[:count])
+
+
+def changes_text(changes: Dict[str, object]) -> str:
+    return ", ".join(f"{key}: {value}" for key, value in changes.items())
 
 
 def apply_changes(config, changes: Dict[str, object]):

@@ -9,13 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
+from safetensors import safe_open
+
+from lora_train.cli import main
 from lora_train.dataset import load_dataset
+from lora_train.jobs import JobRunner
 from lora_train.encode_cache import LatentCache, TextCache
 from lora_train.models.common import Offloader
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
-from lora_train.preflight import GIB, estimate_memory, preflight
-from tests.test_training import make_config
+from lora_train.preflight import GIB, MemoryPreflightError, estimate_memory, preflight
+from tests.test_training import make_config, write_yaml
 
 UNCACHED = dict(cache_latents=False, cache_text_encoder_outputs=False)
 
@@ -121,3 +125,35 @@ def test_a_truncated_offload_file_is_an_error_not_silently_wrong_weights(tiny_ch
     with pytest.raises(OSError, match="truncated"):
         offloader.restore()
 
+
+def _preflight_that_fits_batch(size: int):
+    """A stand-in for the GPU check: settings with a batch above `size` do not fit."""
+    def check(_model, config, _bucket, _adapters):
+        if config.training.batch_size > size:
+            raise MemoryPreflightError(f"does not fit; set training.batch_size: {size}",
+                                       {"training.batch_size": size, "training.gradient_checkpointing": True})
+    return check
+
+
+def test_cli_names_the_advice_and_applies_it_when_asked(tiny_checkpoint, sample_images, tmp_path, capsys,
+                                                        monkeypatch):
+    monkeypatch.setattr("lora_train.pipeline.check_device_memory", _preflight_that_fits_batch(2))
+    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", batch_size=4, epochs=1)
+    path = write_yaml(config, tmp_path / "run.yaml")
+    assert main(["train", "--config", path]) == 2
+    assert "set training.batch_size: 2 (or rerun with --apply-advice)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "test_lora.safetensors").exists()
+    assert main(["train", "--config", path, "--apply-advice"]) == 0
+    printed = capsys.readouterr()
+    assert "memory: applying training.batch_size: 2, training.gradient_checkpointing: True" in printed.err
+    assert "training done: 4/4 steps" in printed.out  # 8 images at batch 2
+    with safe_open(str(tmp_path / "out" / "test_lora.safetensors"), "pt") as file:
+        assert file.metadata()["ss_batch_size_per_device"] == "2"
+
+
+def test_a_failed_job_carries_the_advice():
+    job = JobRunner().start("train", lambda job: (_ for _ in ()).throw(
+        MemoryPreflightError("does not fit", {"training.batch_size": 1})))
+    assert job.done.wait(10)
+    status = job.snapshot()
+    assert status["state"] == "failed" and status["advice"] == {"training.batch_size": 1}

@@ -9,7 +9,7 @@ import pytest
 
 from lora_train.config import ConfigError, TrainConfig, config_from_dict
 from lora_train.webui import actions
-from lora_train.webui.form import MANAGED, config_to_values, form_fields, values_to_dict
+from lora_train.webui.form import MANAGED, advised_values, config_to_values, form_fields, values_to_dict
 
 
 def digests(folder):
@@ -95,3 +95,10 @@ def test_estimate_counts_steps(sample_images):
                                "training": {"batch_size": 2, "epochs": 3}})
     text = actions.estimate(config, seconds_per_step=2.0)
     assert text.startswith("**12 steps** (4 per epoch x 3 epochs)") and "about 0.4 min" in text
+
+
+def test_advice_becomes_form_values_for_the_advised_fields_only():
+    fields = form_fields()
+    values = advised_values(fields, {"training.batch_size": 2, "training.gradient_checkpointing": True,
+                                     "data.resolution": 384, "model.base_model": "not a field"})
+    assert values == {"training.batch_size": 2, "training.gradient_checkpointing": True, "data.resolution": 384}

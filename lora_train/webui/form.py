@@ -96,6 +96,11 @@ def config_to_values(fields: List[Field], config: TrainConfig) -> List[Any]:
     return [to_form(field, getattr(getattr(config, field.section), field.name)) for field in fields]
 
 
+def advised_values(fields: List[Field], advice: Dict[str, Any]) -> Dict[str, Any]:
+    """{"section.key": form value} for the advised settings ({"training.batch_size": 2}) that are form fields."""
+    return {field.key: to_form(field, advice[field.key]) for field in fields if field.key in advice}
+
+
 
 def _number(text: str, kind: str) -> Any:
     """int/float from form text; text that is no number goes on to the config, whose error names the key."""

@@ -9,6 +9,7 @@ reload.
 
 from __future__ import annotations
 
+import html
 import time
 from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List
@@ -19,7 +20,8 @@ from ..captioning import DEFAULT_MODEL, MODES
 from ..config import config_from_dict
 from ..jobs import JobBusyError, JobRunner
 from . import actions
-from .form import Field, config_to_values, form_fields, to_form, values_to_dict
+from ..preflight import changes_text
+from .form import Field, advised_values, config_to_values, form_fields, to_form, values_to_dict
 from .host import WebUIHost
 from .tasks import CaptionRequest, PreviewOptions, caption_job, train_job
 
@@ -112,6 +114,7 @@ def _train_tab(ui: SimpleNamespace) -> None:
         ui.stop_save = gr.Button("Stop & save")
         ui.stop_discard = gr.Button("Stop & discard", variant="stop")
         ui.watch = gr.Button("Show progress", elem_id="lora_train_watch")
+    ui.apply_advice = gr.Button("Apply the suggested settings", visible=False, elem_id="lora_train_apply_advice")
     ui.progress = gr.HTML(elem_id="lora_train_progress")
     ui.status = gr.Markdown(elem_id="lora_train_status")
     with gr.Row():
@@ -213,7 +216,9 @@ def _watch(runner: JobRunner, kind: str) -> Iterator[tuple]:
     while True:
         view = actions.job_view(runner, kind)
         losses = pd.DataFrame({"step": range(1, len(view["losses"]) + 1), "loss": view["losses"]})
-        yield (view["status"], losses, view["previews"], actions.result_markdown(view["status_raw"]))
+        advice = (view["status_raw"] or {}).get("advice")
+        yield (view["status"], losses, view["previews"], actions.result_markdown(view["status_raw"]),
+               gr.update(visible=bool(advice)))
         if not view["running"]:
             return
         time.sleep(POLL_SECONDS)
@@ -236,7 +241,17 @@ def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: WebUIHost) -> None:
     def watch_caption():
         yield from _watch_caption(runner)
 
-    train_outputs = [ui.status, ui.loss, ui.previews, ui.result]
+    def apply_advice():
+        job = runner.latest("train")
+        advice = job.snapshot()["advice"] if job else {}
+        values = advised_values(ui.fields, advice)
+        updates = [gr.update(value=values[field.key]) if field.key in values else gr.update() for field in ui.fields]
+        note = (f"Applied {html.escape(changes_text(advice))} to the settings; start training again."
+                if values else "No suggested settings.")
+        return (*updates, note, gr.update(visible=False))
+
+    train_outputs = [ui.status, ui.loss, ui.previews, ui.result, ui.apply_advice]
+    ui.apply_advice.click(apply_advice, None, [*ui.components, ui.status, ui.apply_advice])
     ui.start.click(start_train, [ui.task_id, ui.folder, ui.preview_every, ui.preview_prompt, ui.preview_seed,
                                  *ui.components], [ui.status], **{JS_ARG: "lora_train_start"}
                    ).success(watch_train, None, train_outputs)
