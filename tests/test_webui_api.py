@@ -233,3 +233,23 @@ def test_the_extension_registers_its_tab_settings_and_routes(tiny_ldm, tmp_path)
         finally:
             release.set()
         assert job.done.wait(JOB_TIMEOUT_S)
+
+
+def test_the_tab_fills_the_advice_of_a_failed_run_into_the_settings(webui):
+    from lora_train.preflight import MemoryPreflightError
+    from lora_train.webui import ui
+
+    runner = JobRunner()
+    advice = {"training.batch_size": 2, "training.gradient_checkpointing": True}
+    job = runner.start("train", lambda job: (_ for _ in ()).throw(MemoryPreflightError("does not fit", advice)))
+    assert job.done.wait(JOB_TIMEOUT_S)
+    tab = ui.build(runner, WebUIHost())
+    button = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lora_train_apply_advice")
+    index = next(i for i, dependency in enumerate(tab.dependencies) if button._id in dependency["targets"])
+    outputs = dict(zip(tab.dependencies[index]["outputs"], tab.fns[index].fn()))
+    labelled = {tab.blocks[block].label: update.get("value") for block, update in outputs.items()
+                if isinstance(update, dict) and "value" in update}
+    assert labelled == {"batch size": 2, "gradient checkpointing": True}  # the form labels its fields so
+    assert "Applied training.batch_size: 2, training.gradient_checkpointing: True" in outputs[
+        next(b for b, block in tab.blocks.items() if getattr(block, "elem_id", None) == "lora_train_status")]
+    assert outputs[button._id] == {"visible": False, "__type__": "generic_update"}
