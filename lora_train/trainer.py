@@ -173,7 +173,7 @@ class Trainer:
 
     def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> float:
         seed = _micro_seed(self.config.training.seed, micro_step)
-        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+        rng, generator = random.Random(seed), torch.Generator(device=self.device).manual_seed(seed)
         flips = [self.config.data.flip_aug and rng.random() < 0.5 for _ in indices]
         captions = [self.dataset.caption_for(index, rng) for index in indices]
         latents = self._latents(indices, flips)  # before seeding: an uncached encode draws from the global RNG
@@ -181,12 +181,13 @@ class Trainer:
         with self._autocast():
             cond = self._encode_prompts(captions, indices)
             loss = self._loss(latents, cond, generator)
-        if not torch.isfinite(loss):
-            raise self._diverged(loss, cond, indices)
+        value = loss.item()  # the step's one wait for the device
+        if not math.isfinite(value):
+            raise self._diverged(value, cond, indices)
         self.scaler.scale(loss / group_size).backward()
-        return loss.item()
+        return value
 
-    def _diverged(self, loss: torch.Tensor, cond, indices: List[int]) -> "TrainingDivergedError":
+    def _diverged(self, loss: float, cond, indices: List[int]) -> "TrainingDivergedError":
         """Says which part produced the non-number, and for which images, so the user knows what to fix."""
         names = ", ".join(self.dataset.samples[i].path.name for i in indices)
         step = self.position.step + 1
@@ -198,17 +199,17 @@ class Trainer:
             return TrainingDivergedError(
                 f"the text encoder's output was not a number at step {step} for the captions of {names}; {fix}")
         return TrainingDivergedError(
-            f"the loss became {loss.item()} at step {step} (images {names}); lower training.learning_rate "
+            f"the loss became {loss} at step {step} (images {names}); lower training.learning_rate "
             "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16")
 
     def _loss(self, latents: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
         train = self.config.training
         alphas_cumprod = self.alphas_cumprod
-        noise = torch.randn(latents.shape, generator=generator)
+        device = self.device  # drawn where they are used: no per-step copies from the host
+        noise = torch.randn(latents.shape, generator=generator, device=device)
         if train.noise_offset:
-            noise += train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator)
-        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+            noise += train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
+        timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator, device=device)
         alpha_bar = alphas_cumprod[timesteps]
         prediction = self.predict(noisy_latents(latents, noise, alpha_bar), timesteps, cond)
         target = diffusion_target(latents, noise, alpha_bar, self.model.prediction)
