@@ -40,6 +40,7 @@ class BenchSettings:
     batch_size: int = 1
     rank: int = 8
     threads: int = 0  # torch threads per row; 0 = torch's default
+    gradient_checkpointing: bool = False  # in every row (ours through its config)
     seed: int = 0
 
     @property
@@ -104,7 +105,7 @@ def _bench_config(images: Path, settings: BenchSettings, out: Path, **training):
                                          min_bucket_reso=64, max_bucket_reso=max(64, settings.resolution)))
     config.model.lora_rank, config.model.alpha, config.model.train_text_encoder = settings.rank, settings.rank, False
     training = dict(batch_size=settings.batch_size, max_train_steps=settings.total_steps, seed=settings.seed,
-                    learning_rate=LEARNING_RATE, **training)
+                    learning_rate=LEARNING_RATE, gradient_checkpointing=settings.gradient_checkpointing, **training)
     for key, value in training.items():
         setattr(config.training, key, value)
     config.output.output_dir, config.output.output_name = str(out / "output"), "bench"
@@ -156,6 +157,7 @@ def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[Li
     latents = torch.randn((4, unet.config.in_channels, side, side), generator=generator).to(model.device)
     cond = torch.randn((4, 77, unet.config.cross_attention_dim), generator=generator).to(model.device, unet.dtype)
     unet.requires_grad_(False)
+    _checkpointing(unet, settings)
     network = create_network(model.lora_targets(TargetSpec(text_encoder=False)),
                              NetworkSpec(rank=settings.rank, alpha=settings.rank), device=model.device)
     network.attach()
@@ -189,6 +191,13 @@ def _batches(latents, cond, settings: BenchSettings, generator, timesteps: int):
     return batches
 
 
+def _checkpointing(unet, settings: BenchSettings) -> None:
+    """diffusers' own gradient checkpointing, as the reference script turns it on (it acts in train mode)."""
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+
+
 def _autocast(device: torch.device):
     """fp16 autocast on a GPU (where the frozen weights are fp16), none on the CPU (fp32)."""
     return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
@@ -202,6 +211,7 @@ def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tupl
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     for component in (unet, vae, text_encoder):
         component.requires_grad_(False)
+    _checkpointing(unet, settings)
     unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
                                 target_modules=PEFT_TARGETS))
     lora_parameters = [p for p in unet.parameters() if p.requires_grad]

@@ -20,6 +20,7 @@ from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
 from .tiny import build_tiny_checkpoint
 
 GIB = 1024 ** 3
+CHECKPOINTING = {False: "", True: ", gradient checkpointing"}
 
 
 def run_rows(settings: BenchSettings, names: List[str]) -> Dict[str, RowResult]:
@@ -77,6 +78,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward, in every row (less memory, slower steps)")
     parser.add_argument("--fast", action="store_true", help="also time ours with the fast path: "
                         + ", ".join(f"training.{key}: {value}" for key, value in FAST_PATH.items()))
     parser.set_defaults(func=run)
@@ -95,7 +98,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     if resolution % 64:
         raise ValueError(f"--resolution {resolution}: use a multiple of 64 (e.g. 128 or 512)")
     return BenchSettings(model=args.model, device=args.device, resolution=resolution, steps=args.steps,
-                         warmup=args.warmup, batch_size=args.batch_size, rank=args.rank, threads=args.threads)
+                         warmup=args.warmup, batch_size=args.batch_size, rank=args.rank, threads=args.threads,
+                         gradient_checkpointing=args.gradient_checkpointing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     threads = settings.threads or torch.get_num_threads()
     print(f"bench train: {settings.model} on {settings.device}, {settings.resolution}x{settings.resolution} px "
           f"({settings.resolution // 8}x{settings.resolution // 8} latents), batch {settings.batch_size}, rank "
-          f"{settings.rank}, UNet only, median of {settings.steps} steps after {settings.warmup}, "
+          f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} steps after {settings.warmup}, "
           f"{threads} threads, load average {_load()}")
     names = ["floor", "ours", "reference"] + (["fast"] if args.fast else [])
     if settings.model == "tiny":
