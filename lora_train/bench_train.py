@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     threads = settings.threads or torch.get_num_threads()
     print(f"bench train: {settings.model} on {settings.device}, {settings.resolution}x{settings.resolution} px "
           f"({settings.resolution // 8}x{settings.resolution // 8} latents), batch {settings.batch_size}, rank "
-          f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} steps after {settings.warmup}, "
+          f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} "
+          f"steps after {settings.warmup}, "
           f"{threads} threads, load average {_load()}")
     names = ["floor", "ours", "reference"] + (["fast"] if args.fast else [])
     if settings.model == "tiny":

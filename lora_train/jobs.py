@@ -42,7 +42,7 @@ class JobStatus:
     eta_s: Optional[float] = None
     output: Optional[str] = None  # the file written (the LoRA, or the CSV/folder for captions)
     error: Optional[str] = None
-    advice: Dict[str, Any] = field(default_factory=dict)  # settings that would fix a failure: {"training.batch_size": 2}
+    advice: Dict[str, Any] = field(default_factory=dict)  # settings that would fix a failure, {"section.key": value}
     message: str = ""  # one line for people: what is happening now
     report: Dict[str, Any] = field(default_factory=dict)
     losses: List[float] = field(default_factory=list)

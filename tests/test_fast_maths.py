@@ -13,7 +13,8 @@ from tests.test_training import make_config
 
 
 def test_channels_last_holds_for_the_run_and_puts_each_weight_back():
-    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 8))
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 8))
     model[1].weight.data = model[1].weight.data.contiguous(memory_format=torch.channels_last)  # --opt-channelslast
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with channels_last(model):
