@@ -3,7 +3,7 @@
 - floor: the bare step (UNet forward + backward + AdamW on pre-made latents and conditioning, only the LoRA
   parameters trainable, nothing else; for sd15 only the UNet is built). No LoRA step can be faster than this.
 - ours: `pipeline.train_lora` under the default config (batch size, rank and text-encoder training as asked).
-- fast: ours with FAST_PATH on top of the defaults.
+- fast: ours with FAST_PATH on top of the defaults; compiled: ours with training.compile (torch.compile).
 - reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`:
   peft-injected LoRA, the VAE and the text encoder run every step.
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 LEARNING_RATE = 1e-4
-FAST_PATH = {"matmul_precision": "medium"}  # what measured fastest on the CPU (torch.compile was slower there)
+FAST_PATH = {"matmul_precision": "medium"}  # what measured fastest on the CPU (see --compile for torch.compile)
 # the modules our default targets adapt in every transformer block; the reference adapts the same ones
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
@@ -56,7 +56,7 @@ class RowResult:
     peak_bytes: int
     warmup: int
     parameters: int = 0  # UNet parameters
-    setup_seconds: float = 0.0  # for "fast": the first step (which compiles, with training.compile)
+    setup_seconds: float = 0.0  # fast and compiled rows: the first step (which compiles, in the compiled row)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -78,11 +78,11 @@ def run_row(name: str, settings: BenchSettings) -> RowResult:
     model = build_bench_model(settings.model, device, encoders=name != "floor")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         images = write_bench_images(Path(folder) / "images", settings)
-        loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast}[name]
+        loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast, "compiled": _compiled}[name]
         times, losses = loop(model, images, settings, Path(folder))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    setup = times[0] if name == "fast" else 0.0
+    setup = times[0] if name in ("fast", "compiled") else 0.0
     return RowResult(name, times, losses, peak, settings.warmup, sum(p.numel() for p in model.unet.parameters()),
                      setup)
 
@@ -128,6 +128,10 @@ def _ours(model, images: Path, settings: BenchSettings, out: Path, **training) -
 
 def _fast(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[List[float], List[float]]:
     return _ours(model, images, settings, out, **FAST_PATH)
+
+
+def _compiled(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[List[float], List[float]]:
+    return _ours(model, images, settings, out, compile=True)
 
 
 def _premade(model, images: Path, settings: BenchSettings):

@@ -1,8 +1,9 @@
 """Training-step benchmark (`python -m lora_train bench train`): ours vs. the bare UNet step vs. a reference loop.
 
 One command runs, on the same model, images and settings, the loops of `lora_train.bench_loops` (floor, ours,
-reference; with `--fast` also ours with the fast-path settings), each in a fresh process so that peak memory is per
-row, and prints ms/step (median after warm-up), it/s, peak memory and the ratios ours/floor and ours/reference.
+reference; with `--fast` also ours with the fast-path settings, with `--compile` ours with torch.compile), each
+in a fresh process so that peak memory is per row, and prints ms/step (median after warm-up), it/s, peak memory
+and the ratios ours/floor and ours/reference.
 On the CPU the peak is the process's peak RSS (everything: Python, torch, weights, activations); on a GPU it is
 `torch.cuda.max_memory_allocated`. Timings are noisy on shared machines: the load average is printed with them.
 """
@@ -50,11 +51,12 @@ def format_ratios(results: Dict[str, RowResult]) -> str:
              f"{ours.peak_bytes / floor.peak_bytes:.3f}",
              f"ours/reference  time {ours.median_ms / reference.median_ms:.3f}  memory "
              f"{ours.peak_bytes / reference.peak_bytes:.3f}"]
-    if "fast" in results:
-        fast = results["fast"]
-        drift = max(abs(a - b) for a, b in zip(fast.losses, ours.losses))
-        lines.append(f"fast/floor      time {fast.median_ms / floor.median_ms:.3f}  "
-                     f"(max |loss fast - loss ours| {drift:.2e})")
+    for name in ("fast", "compiled"):
+        if name in results:
+            row = results[name]
+            drift = max(abs(a - b) for a, b in zip(row.losses, ours.losses))
+            lines.append(f"{name + '/floor':<15} time {row.median_ms / floor.median_ms:.3f}  "
+                         f"(max |loss {name} - loss ours| {drift:.2e})")
     return "\n".join(lines)
 
 
@@ -78,6 +80,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with training.compile: true (the first step, compiling, is shown apart)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward, in every row (less memory, slower steps)")
     parser.add_argument("--fast", action="store_true", help="also time ours with the fast path: "
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
           f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} "
           f"steps after {settings.warmup}, "
           f"{threads} threads, load average {_load()}")
-    names = ["floor", "ours", "reference"] + (["fast"] if args.fast else [])
+    names = ["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
     if settings.model == "tiny":
         with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
             settings.model = str(build_tiny_checkpoint(Path(folder)))

@@ -60,3 +60,9 @@ def test_channels_last_trains_to_the_same_losses(tiny_checkpoint, sample_images,
     assert plain_seen[0] == ("highest", True) and fast_seen[0] == ("medium", False)
     assert len(fast.losses) == 2 and fast.losses == pytest.approx(plain.losses, rel=1e-4)
     assert model.unet.conv_in.weight.is_contiguous() and torch.get_float32_matmul_precision() == "highest"
+
+
+def test_compiled_training_gives_the_eager_losses(tiny_checkpoint, sample_images, tmp_path):
+    eager, _, _ = run(sample_images, tiny_checkpoint, tmp_path / "a")
+    compiled, _, _ = run(sample_images, tiny_checkpoint, tmp_path / "b", compile=True)
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
