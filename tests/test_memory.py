@@ -157,3 +157,21 @@ def test_a_failed_job_carries_the_advice():
     assert job.done.wait(10)
     status = job.snapshot()
     assert status["state"] == "failed" and status["advice"] == {"training.batch_size": 1}
+
+
+def test_running_out_of_memory_mid_run_restores_the_model_and_names_the_changes(tiny_checkpoint, sample_images,
+                                                                                tmp_path):
+    from lora_train.pipeline import TrainingOutOfMemoryError
+
+    config = make_config(sample_images, tiny_checkpoint, tmp_path, batch_size=4, epochs=2)
+    model = load_diffusers_model(str(tiny_checkpoint))
+    before = {name: tensor.clone() for name, tensor in model.vae.state_dict().items()}
+
+    def out_of_memory(event, trainer):
+        if event == "step" and trainer.position.step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(TrainingOutOfMemoryError, match="ran out of memory at step 3") as raised:
+        train_lora(config, model, callbacks=[out_of_memory])
+    assert raised.value.changes == {"training.gradient_checkpointing": True, "training.batch_size": 1}
+    assert all(torch.equal(t, before[n]) for n, t in model.vae.state_dict().items()), "offloaded VAE is back"
+    assert model.unet.conv_in.weight.is_contiguous() and not config.output.lora_path.exists()
