@@ -175,3 +175,15 @@ def test_running_out_of_memory_mid_run_restores_the_model_and_names_the_changes(
     assert raised.value.changes == {"training.gradient_checkpointing": True, "training.batch_size": 1}
     assert all(torch.equal(t, before[n]) for n, t in model.vae.state_dict().items()), "offloaded VAE is back"
     assert model.unet.conv_in.weight.is_contiguous() and not config.output.lora_path.exists()
+
+
+def test_offloaded_weights_come_back_in_their_memory_order():
+    conv = torch.nn.Conv2d(4, 8, 3)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)  # --opt-channelslast
+    conv.scale = torch.nn.Parameter(torch.tensor(2.5))  # a 0-dim weight, as OpenCLIP's logit_scale
+    conv.register_buffer("sliced", torch.arange(12.0).view(3, 4)[:, :2])  # not one dense block
+    before = {name: tensor.detach().clone() for name, tensor in conv.state_dict().items()}
+    with Offloader([conv], torch.device("cpu")):
+        assert conv.weight.numel() == 0 and conv.scale.numel() == 0
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in conv.state_dict().items())

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+Layout = Tuple[torch.Size, Tuple[int, ...], torch.dtype]  # shape, strides, dtype of an offloaded tensor
+
 
 def empty_module(cls, **config) -> nn.Module:
     """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""
@@ -101,7 +103,7 @@ class Offloader:
         self.modules, self.device = modules, torch.device(device)
         self._places: List[torch.device] = []
         self._folder: Optional[tempfile.TemporaryDirectory] = None
-        self._layouts: List[List[Tuple[torch.Size, torch.dtype]]] = []
+        self._layouts: List[List[Layout]] = []
 
     def __enter__(self) -> "Offloader":
         self.offload()
@@ -163,28 +165,32 @@ def release_freed_memory() -> None:
         pass
 
 
-def _to_file(module: nn.Module, path: Path) -> List[Tuple[torch.Size, torch.dtype]]:
-    """Streams each weight's bytes to `path` (no second copy in RAM), then frees it; returns shapes and dtypes."""
+def _to_file(module: nn.Module, path: Path) -> List[Layout]:
+    """Streams each weight's bytes to `path` (no second copy in RAM), then frees it; returns each one's layout."""
     tensors = list(_tensors(module).values())
-    layout = [(t.shape, t.dtype) for t in tensors]
+    dense = [t.detach() if _memory_bytes(t.detach()) is not None else t.detach().contiguous() for t in tensors]
     with open(path, "wb") as file:
-        for tensor in tensors:
-            file.write(_byte_view(tensor.detach().contiguous()))
+        for tensor in dense:
+            file.write(_memory_bytes(tensor))
+    layouts = [(t.shape, t.stride(), t.dtype) for t in dense]
     with torch.no_grad():
         for tensor in tensors:
             tensor.data = torch.empty(0, dtype=tensor.dtype)
-    return layout
+    return layouts
 
 
-def _from_file(module: nn.Module, path: Path, layout: List[Tuple[torch.Size, torch.dtype]]) -> None:
+def _from_file(module: nn.Module, path: Path, layouts: List[Layout]) -> None:
     with open(path, "rb") as file, torch.no_grad():
-        for tensor, (shape, dtype) in zip(_tensors(module).values(), layout):
-            restored = torch.empty(shape, dtype=dtype)
-            if file.readinto(_byte_view(restored)) != restored.numel() * restored.element_size():
+        for tensor, (shape, stride, dtype) in zip(_tensors(module).values(), layouts):
+            restored = torch.empty_strided(shape, stride, dtype=dtype)  # channels-last weights come back so
+            if file.readinto(_memory_bytes(restored)) != restored.numel() * restored.element_size():
                 raise OSError(f"offloaded weights in {path} are truncated; the model was not restored")
             tensor.data = restored
 
 
-def _byte_view(tensor: torch.Tensor):
-    """The tensor's memory as a writable numpy uint8 array (no copy; any dtype, bf16 included)."""
-    return tensor.reshape(-1).view(torch.uint8).numpy()
+def _memory_bytes(tensor: torch.Tensor):
+    """The tensor's memory, in memory order, as a writable numpy uint8 array (no copy; any dtype, bf16 too);
+    None when it is not one dense block (contiguous, channels-last or any other dense order)."""
+    order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
+    dense = tensor.permute(order)
+    return dense.reshape(-1).view(torch.uint8).numpy() if dense.is_contiguous() else None
