@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .models.common import memory_bytes
+
 Key = Tuple[int, bool]  # (sample index, flipped)
 
 
@@ -26,7 +28,7 @@ def module_fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(memory_bytes(tensor.detach().cpu().contiguous()))  # hashed in place, not copied
     return digest.hexdigest()
 
 

@@ -168,10 +168,10 @@ def release_freed_memory() -> None:
 def _to_file(module: nn.Module, path: Path) -> List[Layout]:
     """Streams each weight's bytes to `path` (no second copy in RAM), then frees it; returns each one's layout."""
     tensors = list(_tensors(module).values())
-    dense = [t.detach() if _memory_bytes(t.detach()) is not None else t.detach().contiguous() for t in tensors]
+    dense = [t.detach() if memory_bytes(t.detach()) is not None else t.detach().contiguous() for t in tensors]
     with open(path, "wb") as file:
         for tensor in dense:
-            file.write(_memory_bytes(tensor))
+            file.write(memory_bytes(tensor))
     layouts = [(t.shape, t.stride(), t.dtype) for t in dense]
     with torch.no_grad():
         for tensor in tensors:
@@ -183,12 +183,12 @@ def _from_file(module: nn.Module, path: Path, layouts: List[Layout]) -> None:
     with open(path, "rb") as file, torch.no_grad():
         for tensor, (shape, stride, dtype) in zip(_tensors(module).values(), layouts):
             restored = torch.empty_strided(shape, stride, dtype=dtype)  # channels-last weights come back so
-            if file.readinto(_memory_bytes(restored)) != restored.numel() * restored.element_size():
+            if file.readinto(memory_bytes(restored)) != restored.numel() * restored.element_size():
                 raise OSError(f"offloaded weights in {path} are truncated; the model was not restored")
             tensor.data = restored
 
 
-def _memory_bytes(tensor: torch.Tensor):
+def memory_bytes(tensor: torch.Tensor):
     """The tensor's memory, in memory order, as a writable numpy uint8 array (no copy; any dtype, bf16 too);
     None when it is not one dense block (contiguous, channels-last or any other dense order)."""
     order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
