@@ -187,3 +187,24 @@ def test_offloaded_weights_come_back_in_their_memory_order():
         assert conv.weight.numel() == 0 and conv.scale.numel() == 0
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert all(torch.equal(tensor, before[name]) for name, tensor in conv.state_dict().items())
+
+
+def test_a_disk_that_refuses_the_offload_leaves_every_module_in_memory(tiny_checkpoint, monkeypatch, caplog):
+    import lora_train.models.common as common
+
+    model = load_diffusers_model(str(tiny_checkpoint))
+    before = [{n: t.clone() for n, t in m.state_dict().items()} for m in (model.vae, model.text_encoder)]
+    written = []
+
+    def disk_full_on_the_second(module, path):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        return spill(module, path)
+    spill = common._to_file
+    monkeypatch.setattr(common, "_to_file", disk_full_on_the_second)
+    with Offloader([model.vae, model.text_encoder], torch.device("cpu")) as offloader:
+        assert not offloader.away and written, "the first module was written, then brought back"
+        for module, saved in zip((model.vae, model.text_encoder), before):
+            assert all(torch.equal(t, saved[n]) for n, t in module.state_dict().items())
+    assert "could not be written out ([Errno 28] No space left on device)" in caplog.text

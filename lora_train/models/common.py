@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+logger = logging.getLogger(__name__)
 Layout = Tuple[torch.Size, Tuple[int, ...], torch.dtype]  # shape, strides, dtype of an offloaded tensor
 
 
@@ -94,9 +96,10 @@ def _checkpointed_forward(forward):
 class Offloader:
     """Takes modules' weights out of `device` memory and puts them back bit for bit (a context manager).
 
-    From a GPU they go to the CPU. On the CPU their bytes are streamed to a temporary file (each Parameter and buffer
-    object stays, holding an empty tensor meanwhile), so RAM holds only what training needs. `suspended()`
-    brings them back for a moment, e.g. for a preview image that needs the VAE and text encoder.
+    From a GPU they go to the CPU. On the CPU their bytes are streamed to a temporary file (each Parameter and
+    buffer object stays, holding an empty tensor meanwhile), so RAM holds only what training needs; if the disk
+    refuses (full, read-only), they stay in memory and training goes on. `suspended()` brings them back for a
+    moment, e.g. for a preview image that needs the VAE and text encoder.
     """
 
     def __init__(self, modules: List[nn.Module], device: torch.device):
@@ -124,9 +127,16 @@ class Offloader:
             for module in self.modules:
                 module.to("cpu")
             return
-        self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
-        self._layouts = [_to_file(module, Path(self._folder.name) / f"{index}.bin")
-                         for index, module in enumerate(self.modules)]
+        self._spill()
+
+    def _spill(self) -> None:
+        try:
+            self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
+            for index, module in enumerate(self.modules):  # a module is emptied only once all of it is written
+                self._layouts.append(_to_file(module, Path(self._folder.name) / f"{index}.bin"))
+        except OSError as error:
+            logger.warning("the VAE and text encoder stay in memory: they could not be written out (%s)", error)
+            self.restore()
 
     def restore(self) -> None:
         if self._places:
@@ -138,7 +148,7 @@ class Offloader:
             for index, (module, layout) in enumerate(zip(self.modules, self._layouts)):
                 _from_file(module, Path(self._folder.name) / f"{index}.bin", layout)
             self._folder.cleanup()
-            self._folder = None
+            self._folder, self._layouts = None, []
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
