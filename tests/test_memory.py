@@ -207,4 +207,25 @@ def test_a_disk_that_refuses_the_offload_leaves_every_module_in_memory(tiny_chec
         assert not offloader.away and written, "the first module was written, then brought back"
         for module, saved in zip((model.vae, model.text_encoder), before):
             assert all(torch.equal(t, saved[n]) for n, t in module.state_dict().items())
-    assert "could not be written out ([Errno 28] No space left on device)" in caplog.text
+    assert "could not be moved out ([Errno 28] No space left on device)" in caplog.text
+
+
+def test_encoders_that_cannot_leave_the_gpu_stay_and_training_goes_on(caplog):
+    calls = []
+
+    class Refusing(torch.nn.Linear):  # the host has no RAM left for it when it is moved out
+        refused = False
+
+        def to(self, where):
+            if not self.refused:
+                self.refused = True
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            calls.append(("second", str(where)))
+            return self
+    first, second = torch.nn.Linear(2, 2), Refusing(2, 2)
+    first.to = lambda where: calls.append(("first", str(where))) or first
+    with Offloader([first, second], torch.device("cuda")) as offloader:
+        assert not offloader.away
+    # moved out, then both sent back where they were (in this test, the CPU)
+    assert calls == [("first", "cpu"), ("first", "cpu"), ("second", "cpu")]
+    assert "could not be moved out (DefaultCPUAllocator: can't allocate memory)" in caplog.text

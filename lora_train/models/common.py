@@ -97,9 +97,9 @@ class Offloader:
     """Takes modules' weights out of `device` memory and puts them back bit for bit (a context manager).
 
     From a GPU they go to the CPU. On the CPU their bytes are streamed to a temporary file (each Parameter and
-    buffer object stays, holding an empty tensor meanwhile), so RAM holds only what training needs; if the disk
-    refuses (full, read-only), they stay in memory and training goes on. `suspended()` brings them back for a
-    moment, e.g. for a preview image that needs the VAE and text encoder.
+    buffer object stays, holding an empty tensor meanwhile), so RAM holds only what training needs. If they
+    cannot go (a full disk, no free RAM), they stay where they are and training goes on. `suspended()` brings
+    them back for a moment, e.g. for a preview image that needs the VAE and text encoder.
     """
 
     def __init__(self, modules: List[nn.Module], device: torch.device):
@@ -122,21 +122,21 @@ class Offloader:
     def offload(self) -> None:
         if self.away or not self.modules:
             return
+        try:
+            self._move_out()
+        except (OSError, RuntimeError) as error:  # a full disk, no free RAM: training goes on with them in place
+            logger.warning("the VAE and text encoder stay where they are: they could not be moved out (%s)", error)
+            self.restore()
+
+    def _move_out(self) -> None:
         if self.device.type != "cpu":
             self._places = [next(module.parameters()).device for module in self.modules]
             for module in self.modules:
                 module.to("cpu")
             return
-        self._spill()
-
-    def _spill(self) -> None:
-        try:
-            self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
-            for index, module in enumerate(self.modules):  # a module is emptied only once all of it is written
-                self._layouts.append(_to_file(module, Path(self._folder.name) / f"{index}.bin"))
-        except OSError as error:
-            logger.warning("the VAE and text encoder stay in memory: they could not be written out (%s)", error)
-            self.restore()
+        self._folder = tempfile.TemporaryDirectory(prefix="lora-train-offload-")
+        for index, module in enumerate(self.modules):  # a module is emptied only once all of it is written
+            self._layouts.append(_to_file(module, Path(self._folder.name) / f"{index}.bin"))
 
     def restore(self) -> None:
         if self._places:
