@@ -22,7 +22,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).parent / "configs" / "lora_default.yaml"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-MATMUL_PRECISION = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
+MATMUL_PRECISION = ("default", "highest", "high", "medium")  # torch.set_float32_matmul_precision
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
 
 
@@ -127,7 +127,7 @@ class TrainingConfig:
     cache_latents_to_disk: bool = False  # keep cached latents in <output_dir>/latent_cache, not RAM (big sets)
     cache_text_encoder_outputs: bool = True  # encode each caption once when the text encoder is not trained
     channels_last: bool = True  # UNet convolutions in channels-last memory order: same results, faster on CPUs
-    matmul_precision: str = "highest"  # fp32 matmuls: highest (exact) | high (TF32) | medium (bf16 allowed)
+    matmul_precision: str = "default"  # fp32 matmuls: default (as set) | highest | high (TF32) | medium (bf16)
     compile: bool = False  # torch.compile the UNet: a slow first step, then faster steps
     noise_offset: float = 0.0  # adds offset noise (0.05-0.1 helps very dark/bright images)
     min_snr_gamma: Optional[float] = None  # Min-SNR loss weighting (5 is common); None = off

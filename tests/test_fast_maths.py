@@ -39,6 +39,8 @@ def test_matmul_precision_holds_for_the_run_and_the_process_setting_comes_back()
         outer = torch.get_float32_matmul_precision()
         with float32_matmul_precision("medium"):
             assert torch.get_float32_matmul_precision() == "medium"
+        with float32_matmul_precision("default"):
+            assert torch.get_float32_matmul_precision() == outer and torch.backends.cuda.matmul.allow_tf32
         assert torch.get_float32_matmul_precision() == outer and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.set_float32_matmul_precision(saved[0])

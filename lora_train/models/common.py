@@ -75,7 +75,11 @@ def channels_last(module: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """torch.set_float32_matmul_precision for the duration; the process's setting (and TF32 flag) put back."""
+    """torch.set_float32_matmul_precision for the duration ("default": left as it is); the process's setting
+    (and TF32 flag) put back."""
+    if precision == "default":
+        yield
+        return
     saved, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
     torch.set_float32_matmul_precision(precision)
     try:
