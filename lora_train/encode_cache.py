@@ -62,7 +62,7 @@ class LatentCache:
             return self.encode(index, flip)
         if (index, flip) in self._memory:
             return self._memory[(index, flip)].to(self.model.device, non_blocking=True)
-        path = self.folder / f"{self.key(index, flip)}.safetensors" if self.folder else None
+        path = self._path(index, flip)
         if path is not None and path.is_file():
             from safetensors.torch import load_file
 
@@ -79,9 +79,13 @@ class LatentCache:
     def fill(self, keys: List[Key], progress: Callable[[int], None]) -> None:
         """Makes sure every key is cached (encoding only what is missing); progress(done) after each."""
         for done, (index, flip) in enumerate(keys, 1):
-            if self.folder is None or not (self.folder / f"{self.key(index, flip)}.safetensors").is_file():
+            path = self._path(index, flip)
+            if path is None or not path.is_file():
                 self.latent(index, flip)
             progress(done)
+
+    def _path(self, index: int, flip: bool) -> Optional[Path]:
+        return self.folder / f"{self.key(index, flip)}.safetensors" if self.folder else None
 
 
 def _save_atomically(path: Path, latent: torch.Tensor) -> None:
