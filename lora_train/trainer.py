@@ -79,6 +79,7 @@ class Trainer:
         self.optimizer = build_optimizer(train.optimizer, [
             {"params": network.parameters_for(UNET_PREFIX), "lr": train.learning_rate},
             {"params": network.parameters_for(TEXT_ENCODER_PREFIX), "lr": train.effective_text_encoder_lr}])
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps, self.total_steps)
         self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
         self.scaler = _grad_scaler(self.autocast_dtype == torch.float16)
@@ -233,9 +234,8 @@ class Trainer:
         fp16's GradScaler skips such steps by itself (and lowers its scale); in fp32/bf16 one infinite value
         would turn every adapter weight into NaN, so the step is dropped here, and three in a row stop the run.
         """
-        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.training.max_grad_norm or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.training.max_grad_norm or float("inf"))
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
             self._skip_step()
         else:
