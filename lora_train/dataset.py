@@ -13,8 +13,8 @@ Caption files are read with `lora_train.captions_io` and images opened with `lor
 modules auto-captioning (`lora_train.captioning`) writes and reads them with.
 
 Images go to kohya-style aspect-ratio buckets (or one square when bucketing is off); `Dataset` hands out
-single-bucket batches per epoch, pixels resized to cover the bucket and centre-cropped, and captions with
-shuffling and dropout applied.
+single-bucket batches per epoch, pixels resized to cover the bucket and centre-cropped, each sample's original
+size and crop offset (SDXL conditions on them), and captions with shuffling and dropout applied.
 
 Nothing odd stops a run: unreadable or unsupported files, captionless images and CSV rows naming no usable image
 go into `DatasetReport`. `DatasetError` is raised only when nothing usable is left: no usable image, no folder, no
@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from lora_train.captions_io import CaptionFileError, read_metadata_csv, read_sidecar
 from lora_train.config import DataConfig
 from lora_train.images import IMAGE_EXTENSIONS, open_rgb, probe_image, walk_files
+from lora_train.models import SizeInfo
 
 IGNORED_EXTENSIONS = (".txt", ".csv", ".json", ".yaml", ".yml", ".npz", ".safetensors")
 DEFAULT_CSV_NAME = "metadata.csv"
@@ -60,6 +61,7 @@ class Sample:
     bucket: Bucket  # (width, height)
     repeats: int
     folder: str  # subfolder relative to train_data_dir, "" for the top level
+    size: Tuple[int, int] = (0, 0)  # (width, height) of the source image, EXIF orientation applied
 
 
 @dataclass
@@ -143,6 +145,17 @@ class Dataset:
         array = np.asarray(fitted, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+    def size_info(self, index: int, flip: bool = False) -> SizeInfo:
+        """The sample's original size, crop offset and target size, as SDXL's size conditioning takes them.
+
+        The crop offset is in the resized image, as `load_pixels` crops it; a flip mirrors its left edge.
+        """
+        sample = self.samples[index]
+        (width, height), ((resized_width, _), (left, top)) = sample.bucket, _cover_geometry(sample.size, sample.bucket)
+        if flip:
+            left = resized_width - width - left
+        return SizeInfo(original=(sample.size[1], sample.size[0]), crop_top_left=(top, left), target=(height, width))
+
     def caption_for(self, index: int, rng: random.Random) -> str:
         """The caption to train on: dropped to "" with caption_dropout, else tags shuffled after keep_tokens."""
         caption = self.samples[index].caption
@@ -174,15 +187,20 @@ def _split_tags(caption: str) -> List[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
+def _cover_geometry(size: Tuple[int, int], bucket: Bucket) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """((width, height) resized to cover the bucket, (left, top) of the centred bucket-sized crop in it)."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return resized, ((resized[0] - width) // 2, (resized[1] - height) // 2)
+
+
 def _cover_crop(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Lanczos-resizes the image until it covers the bucket, then crops the centre to exactly the bucket."""
-    width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    resized, (left, top) = _cover_geometry(image.size, bucket)
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+    return image.crop((left, top, left + bucket[0], top + bucket[1]))
 
 
 def make_buckets(resolution: int, min_reso: int, max_reso: int) -> List[Bucket]:
@@ -346,7 +364,7 @@ def load_dataset(config: DataConfig) -> Dataset:
     if not usable:
         raise _no_usable_image(root, skipped)
     captions, report = _assign_captions(usable, config, csv_path.name if csv_path else "", csv_rows, skipped)
-    samples = [Sample(found.path, caption, nearest_bucket(size, buckets), found.repeats, found.folder)
+    samples = [Sample(found.path, caption, nearest_bucket(size, buckets), found.repeats, found.folder, size)
                for found, size, caption in zip(usable, sizes, captions)]
     return Dataset(samples, report, config)
 

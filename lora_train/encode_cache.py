@@ -5,8 +5,8 @@ file's bytes, the bucket, the flip and a fingerprint of the VAE's weights. The u
 `encode` every step, so cached and uncached runs train on identical latents. On disk (for big sets) each latent
 is `<key>.safetensors`: a changed image, bucket or VAE gives a new key, so a stale entry can never be read.
 
-Text-encoder outputs are cached per (caption, bucket) when the text encoder is not trained; every caption is
-encoded alone in both paths, so the cache is exact too.
+Text-encoder outputs are cached per caption (and per sample size where the model conditions on it, as SDXL does)
+when the text encoder is not trained; every caption is encoded alone in both paths, so the cache is exact too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .models.common import memory_bytes
+from .models import SizeInfo
+from .models.conditioning import Cond
+from .runtime import memory_bytes
 
 Key = Tuple[int, bool]  # (sample index, flipped)
 
@@ -102,10 +104,10 @@ class TextCache:
 
     def __init__(self, model, store: bool):
         self.model, self.store = model, store
-        self._memory: Dict[Tuple[str, Tuple[int, int]], torch.Tensor] = {}
+        self._memory: Dict[Tuple[str, Optional[SizeInfo]], Cond] = {}
 
-    def _one(self, caption: str, size: Tuple[int, int]) -> torch.Tensor:
-        key = (caption, tuple(size))
+    def _one(self, caption: str, size: SizeInfo) -> Cond:
+        key = (caption, size if self.model.size_conditioned else None)
         if key in self._memory:
             return self._memory[key]
         with torch.no_grad():
@@ -114,14 +116,14 @@ class TextCache:
             self._memory[key] = cond
         return cond
 
-    def fill(self, pairs: List[Tuple[str, Tuple[int, int]]]) -> bool:
+    def fill(self, pairs: List[Tuple[str, SizeInfo]]) -> bool:
         """Encodes every (caption, size) once; True when all have one shape (batches then never need the encoder)."""
-        return len({tuple(self._one(caption, size).shape) for caption, size in pairs}) == 1
+        return len({self._one(caption, size).shape for caption, size in pairs}) == 1
 
-    def encode(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
+    def encode(self, captions: List[str], sizes: List[SizeInfo]) -> Cond:
         """Each caption encoded alone; a batch whose outputs differ in length (long prompts) is encoded together."""
         conds = [self._one(caption, size) for caption, size in zip(captions, sizes)]
-        if len({tuple(c.shape) for c in conds}) == 1:
-            return torch.cat(conds)
+        if len({cond.shape for cond in conds}) == 1:
+            return Cond.cat(conds)
         with torch.no_grad():
             return self.model.encode_prompts(captions, sizes)

@@ -21,11 +21,9 @@ import torch
 from safetensors.torch import save as save_bytes
 
 from .config import TrainConfig
-from .models import base_model_version
+from .models.families import FAMILIES
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                          "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 class OutputExistsError(FileExistsError):
@@ -38,18 +36,15 @@ def tensor_data_hash(data: bytes) -> str:
     return hashlib.sha256(data[8 + header_length:]).hexdigest()
 
 
-def build_metadata(config: TrainConfig, model, dataset, steps: int, epoch: int,
+def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epoch: int,
                    comment: str = "") -> Dict[str, str]:
-    """Training metadata as strings, kohya's keys; `model` is a DiffusionModel, `dataset` a Dataset."""
-    family, prediction = model.family, model.prediction
-    train, net, data = config.training, config.model, config.data
+    """Training metadata as strings, kohya's keys, from what was built: a DiffusionModel, its LoRANetwork, a Dataset."""
+    train, data, spec = config.training, config.data, network.spec
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(net.lora_rank),
-        "ss_network_alpha": str(net.alpha),
-        "ss_network_dropout": str(net.dropout),
-        "ss_base_model_version": base_model_version(family, prediction),
-        "ss_v2": str(family == "sd2"),
+        "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": str(spec.alpha),
+        "ss_network_dropout": str(spec.dropout),
         "ss_output_name": config.output.output_name,
         "ss_training_comment": comment,
         "ss_tag_frequency": json.dumps(dataset.tag_frequency(), ensure_ascii=False),
@@ -57,7 +52,7 @@ def build_metadata(config: TrainConfig, model, dataset, steps: int, epoch: int,
         "ss_steps": str(steps),
         "ss_epoch": str(epoch),
         "ss_learning_rate": str(train.learning_rate),
-        "ss_text_encoder_lr": str(train.effective_text_encoder_lr if net.train_text_encoder else 0),
+        "ss_text_encoder_lr": str(train.effective_text_encoder_lr if _has_text_encoder(network) else 0),
         "ss_unet_lr": str(train.learning_rate),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_optimizer": train.optimizer,
@@ -67,27 +62,35 @@ def build_metadata(config: TrainConfig, model, dataset, steps: int, epoch: int,
         "ss_noise_offset": str(train.noise_offset),
         "ss_min_snr_gamma": str(train.min_snr_gamma),
         "ss_seed": str(train.seed),
-        "ss_resolution": f"({data.resolution}, {data.resolution})",
-        "ss_enable_bucket": str(data.enable_bucket),
-        "ss_network_train_unet_only": str(not net.train_text_encoder),
+        "ss_network_train_unet_only": str(not _has_text_encoder(network)),
         "ss_sd_model_name": model.name,
-        "ss_clip_skip": str(getattr(model, "clip_skip", 1)),
+        "ss_clip_skip": str(model.clip_skip),
+        **_resolution(data, dataset),
     }
-    if net.conv_rank:
-        metadata["ss_network_args"] = json.dumps({"conv_dim": net.conv_rank, "conv_alpha": net.conv_alpha})
-    return {**metadata, **_modelspec(config, family, prediction)}
+    if spec.conv_rank:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": spec.conv_rank, "conv_alpha": spec.conv_alpha})
+    return {**metadata, **FAMILIES[model.family].metadata(model.prediction), **_modelspec(config)}
 
 
-def _modelspec(config: TrainConfig, family: str, prediction: str) -> Dict[str, str]:
-    arch = MODELSPEC_ARCHITECTURE["sd2_v" if family == "sd2" and prediction == "v_prediction" else family]
+def _has_text_encoder(network) -> bool:
+    return any(not stem.startswith("lora_unet") for stem in network.adapters)
+
+
+def _resolution(data, dataset) -> Dict[str, str]:
+    """ss_resolution and kohya's bucket keys: each bucket's size and image count (repeats included)."""
+    buckets = {str(index): {"resolution": list(bucket), "count": count}
+               for index, (bucket, count) in enumerate(dataset.bucket_counts().items())}
+    return {"ss_resolution": f"({data.resolution}, {data.resolution})", "ss_enable_bucket": str(data.enable_bucket),
+            "ss_min_bucket_reso": str(data.min_bucket_reso), "ss_max_bucket_reso": str(data.max_bucket_reso),
+            "ss_bucket_info": json.dumps({"buckets": buckets})}
+
+
+def _modelspec(config: TrainConfig) -> Dict[str, str]:
     resolution = config.data.resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "diffusers",
         "modelspec.title": config.output.output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
     }
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .targets import UNET_PREFIX
+
 
 def lora_delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """The dense update the adapter adds to the base weight: (up @ down) * scale, in the base weight's shape.
@@ -128,6 +130,7 @@ class LoRANetwork(nn.Module):
             raise ValueError("no module to adapt: the model has none of the expected layers")
         for stem, adapter in adapters.items():
             self.add_module(stem, adapter)  # state_dict keys are then the file's: <stem>.lora_down.weight
+        self.spec = spec  # what the file's metadata records: the ranks and alphas these adapters were built with
         self.multiplier = 1.0
         self._targets = {stem: targets[stem] for stem in adapters}
 
@@ -146,9 +149,11 @@ class LoRANetwork(nn.Module):
             return output + adapter(inputs[0], self.multiplier).to(output.dtype)
         return add_update
 
-    def parameters_for(self, prefix: str) -> List[nn.Parameter]:
-        """Trainable parameters of the adapters whose stem starts with prefix (e.g. 'lora_te')."""
-        return [p for stem, a in self.adapters.items() if stem.startswith(prefix) for p in a.parameters()]
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> List[Dict]:
+        """Optimizer groups: the UNet's adapters (`lora_unet_*`) at unet_lr, every text encoder's at text_encoder_lr."""
+        unet = [p for stem, a in self.adapters.items() if stem.startswith(UNET_PREFIX) for p in a.parameters()]
+        text = [p for stem, a in self.adapters.items() if not stem.startswith(UNET_PREFIX) for p in a.parameters()]
+        return [{"params": unet, "lr": unet_lr}, {"params": text, "lr": text_encoder_lr}]
 
 
 def create_network(targets: Dict[str, nn.Module], spec: NetworkSpec,

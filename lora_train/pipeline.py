@@ -18,8 +18,8 @@ import torch
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
 from .export import build_metadata, check_free, save_lora
-from .models import TargetSpec
-from .models.common import float32_matmul_precision
+from .models import DiffusionModel, TargetSpec
+from .runtime import float32_matmul_precision
 from .network import LoRANetwork, NetworkSpec, create_network
 from .preflight import changes_text, check_device_memory, remedies
 from .tb_logger import TensorBoardLogger
@@ -49,7 +49,7 @@ class TrainResult:
     skipped_steps: int = 0  # steps whose gradients were not finite and were not applied
 
 
-def build_network(config: TrainConfig, model) -> LoRANetwork:
+def build_network(config: TrainConfig, model: DiffusionModel) -> LoRANetwork:
     net = config.model
     spec = TargetSpec(text_encoder=net.train_text_encoder, conv=net.conv_rank > 0)
     return create_network(model.lora_targets(spec), NetworkSpec(
@@ -74,7 +74,7 @@ def _forked_rng(device: torch.device):
 class _Artifacts:
     """Trainer callback: epoch LoRA files (save_every_n_epochs) and the list of checkpoints written."""
 
-    def __init__(self, config: TrainConfig, model, dataset: Dataset):
+    def __init__(self, config: TrainConfig, model: DiffusionModel, dataset: Dataset):
         self.config, self.model, self.dataset = config, model, dataset
         self.epoch_files: List[Path] = []
         self.checkpoints: List[Path] = []
@@ -91,10 +91,11 @@ class _Artifacts:
                                               output.save_precision, overwrite=output.overwrite))
 
     def metadata(self, trainer: Trainer):
-        return build_metadata(self.config, self.model, self.dataset, trainer.position.step, trainer.position.epoch)
+        return build_metadata(self.config, self.model, trainer.network, self.dataset, trainer.position.step,
+                              trainer.position.epoch)
 
 
-def train_lora(config: TrainConfig, model, callbacks: Iterable[Callback] = (),
+def train_lora(config: TrainConfig, model: DiffusionModel, callbacks: Iterable[Callback] = (),
                dataset: Optional[Dataset] = None) -> TrainResult:
     """Trains a LoRA on `model` (a DiffusionModel) as configured; returns what was written."""
     started = time.perf_counter()

@@ -27,9 +27,9 @@ from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoi
 from .config import TrainConfig
 from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
-from .models.common import Offloader, channels_last
+from .models.conditioning import Cond
+from .runtime import Offloader, channels_last
 from .optim import build_optimizer, build_scheduler
-from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX
 
 logger = logging.getLogger(__name__)
 Callback = Callable[[str, "Trainer"], None]
@@ -76,9 +76,8 @@ class Trainer:
         train = config.training
         self.batches_per_epoch = dataset.steps_per_epoch(train.batch_size)
         _, self.total_steps = step_plan(dataset, train)
-        self.optimizer = build_optimizer(train.optimizer, [
-            {"params": network.parameters_for(UNET_PREFIX), "lr": train.learning_rate},
-            {"params": network.parameters_for(TEXT_ENCODER_PREFIX), "lr": train.effective_text_encoder_lr}])
+        self.optimizer = build_optimizer(train.optimizer, network.param_groups(
+            train.learning_rate, train.effective_text_encoder_lr))
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps, self.total_steps)
         self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
@@ -180,7 +179,7 @@ class Trainer:
         latents = self._latents(indices, flips)  # before seeding: an uncached encode draws from the global RNG
         torch.manual_seed(seed)  # adapter dropout draws from the global RNG
         with self._autocast():
-            cond = self._encode_prompts(captions, indices)
+            cond = self._encode_prompts(captions, indices, flips)
             loss = self._loss(latents, cond, generator)
         value = loss.item()  # the step's one wait for the device
         if not math.isfinite(value):
@@ -188,12 +187,11 @@ class Trainer:
         self.scaler.scale(loss / group_size).backward()
         return value
 
-    def _diverged(self, loss: float, cond, indices: List[int]) -> "TrainingDivergedError":
+    def _diverged(self, loss: float, cond: Cond, indices: List[int]) -> "TrainingDivergedError":
         """Says which part produced the non-number, and for which images, so the user knows what to fix."""
         names = ", ".join(self.dataset.samples[i].path.name for i in indices)
         step = self.position.step + 1
-        tensors = cond.values() if isinstance(cond, dict) else [cond]
-        if not all(torch.isfinite(t).all() for t in tensors):
+        if not cond.isfinite():
             fix = ("its adapters may have diverged: lower training.text_encoder_lr, or set "
                    "model.train_text_encoder: false" if self.config.model.train_text_encoder else
                    "the checkpoint itself fails on these captions: shorten or fix them")
@@ -203,7 +201,7 @@ class Trainer:
             f"the loss became {loss} at step {step} (images {names}); lower training.learning_rate "
             "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16")
 
-    def _loss(self, latents: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator) -> torch.Tensor:
         train = self.config.training
         alphas_cumprod = self.alphas_cumprod
         device = self.device  # drawn where they are used: no per-step copies from the host
@@ -219,8 +217,8 @@ class Trainer:
             loss = loss * min_snr_weight(alpha_bar, train.min_snr_gamma, self.model.prediction)
         return loss.mean()
 
-    def _encode_prompts(self, captions: List[str], indices: List[int]):
-        sizes = [self.dataset.samples[i].bucket for i in indices]
+    def _encode_prompts(self, captions: List[str], indices: List[int], flips: List[bool]) -> Cond:
+        sizes = [self.dataset.size_info(i, flip) for i, flip in zip(indices, flips)]
         if self.config.model.train_text_encoder:
             return self.model.encode_prompts(captions, sizes)
         return self.texts.encode(captions, sizes)
@@ -264,8 +262,10 @@ class Trainer:
             self.latents.fill(keys, self._cached)
         if not (self.texts.store and self.config.training.cache_latents):
             return False
-        pairs = {(sample.caption, sample.bucket) for sample in samples}
-        pairs |= {("", bucket) for _, bucket in pairs} if data.caption_dropout else set()
+        flips = (False, True) if data.flip_aug else (False,)
+        pairs = {(sample.caption, self.dataset.size_info(index, flip))
+                 for index, sample in enumerate(samples) for flip in flips}
+        pairs |= {("", size) for _, size in pairs} if data.caption_dropout else set()
         return self.texts.fill(sorted(pairs))
 
     def _cached(self, done: int) -> None:

@@ -47,7 +47,7 @@ def setup(tiny_checkpoint, sample_images, tmp_path):
 
 
 def export(config, model, dataset, network, precision="fp32"):
-    metadata = build_metadata(config, model, dataset, steps=10, epoch=1)
+    metadata = build_metadata(config, model, network, dataset, steps=10, epoch=1)
     return save_lora(config.output.lora_path, network.state_dict(), metadata, precision)
 
 

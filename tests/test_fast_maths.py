@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_train.models.common import channels_last, float32_matmul_precision
+from lora_train.runtime import channels_last, float32_matmul_precision
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
 from tests.test_training import make_config

@@ -14,8 +14,9 @@ from safetensors import safe_open
 from lora_train.cli import main
 from lora_train.dataset import load_dataset
 from lora_train.jobs import JobRunner
+from lora_train.models import SizeInfo
 from lora_train.encode_cache import LatentCache, TextCache
-from lora_train.models.common import Offloader
+from lora_train.runtime import Offloader
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
 from lora_train.preflight import GIB, MemoryPreflightError, estimate_memory, preflight
@@ -54,10 +55,11 @@ def test_disk_cache_is_reused_and_a_changed_image_gets_a_new_entry(tiny_checkpoi
 
 def test_a_changed_caption_is_encoded_again(tiny_checkpoint, sample_images):
     model = load_diffusers_model(str(tiny_checkpoint))
-    cache, size = TextCache(model, store=True), (64, 64)
+    cache, size = TextCache(model, store=True), SizeInfo.square(64)
     old, new = cache.encode(["a red circle"], [size]), cache.encode(["a blue square"], [size])
-    assert not torch.equal(old, new)
-    torch.testing.assert_close(new, model.encode_prompts(["a blue square"], [size]), rtol=0, atol=0)
+    assert not torch.equal(old.crossattn, new.crossattn)
+    expected = model.encode_prompts(["a blue square"], [size]).crossattn
+    torch.testing.assert_close(new.crossattn, expected, rtol=0, atol=0)
 
 
 def test_latent_key_follows_the_file_bytes_and_bucket(tiny_checkpoint, sample_images, tmp_path):
@@ -190,7 +192,7 @@ def test_offloaded_weights_come_back_in_their_memory_order():
 
 
 def test_a_disk_that_refuses_the_offload_leaves_every_module_in_memory(tiny_checkpoint, monkeypatch, caplog):
-    import lora_train.models.common as common
+    import lora_train.runtime as runtime
 
     model = load_diffusers_model(str(tiny_checkpoint))
     before = [{n: t.clone() for n, t in m.state_dict().items()} for m in (model.vae, model.text_encoder)]
@@ -201,8 +203,8 @@ def test_a_disk_that_refuses_the_offload_leaves_every_module_in_memory(tiny_chec
             raise OSError(28, "No space left on device")
         written.append(path)
         return spill(module, path)
-    spill = common._to_file
-    monkeypatch.setattr(common, "_to_file", disk_full_on_the_second)
+    spill = runtime._to_file
+    monkeypatch.setattr(runtime, "_to_file", disk_full_on_the_second)
     with Offloader([model.vae, model.text_encoder], torch.device("cpu")) as offloader:
         assert not offloader.away and written, "the first module was written, then brought back"
         for module, saved in zip((model.vae, model.text_encoder), before):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_train.config import DataConfig, TrainConfig
-from lora_train.models import TargetSpec
+from lora_train.models import SizeInfo, TargetSpec
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
 from lora_train.tiny import LDM_CONFIG, build_tiny_ldm
@@ -55,7 +55,7 @@ def test_sd2_text_encoder_converts_from_its_weights_and_matches_ldm(tiny_sd2_che
     assert model.text_encoder.config.num_hidden_layers == TEXT_BLOCKS - 1  # the penultimate layer
     assert model.text_encoder.config.num_attention_heads == TEXT_HEADS
     with torch.no_grad():
-        ours = model.encode_prompts([PROMPT], [(64, 64)])
+        ours = model.encode_prompts([PROMPT], [SizeInfo.square(64)]).crossattn
         theirs = ldm_model.get_learned_conditioning([PROMPT])
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from host_state import assert_same_model, snapshot
 from lora_train.cli import main
 from lora_train.config import DataConfig, TrainConfig
+from lora_train.models.conditioning import Cond
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.models.ldm import LdmModel
 from lora_train.pipeline import train_lora
@@ -226,7 +227,7 @@ def test_a_text_encoder_giving_nan_names_the_images_and_the_fix(tiny_checkpoint,
 
     model = load_diffusers_model(str(tiny_checkpoint))
     encode = model.encode_prompts
-    model.encode_prompts = lambda captions, sizes: encode(captions, sizes) * float("nan")
+    model.encode_prompts = lambda captions, sizes: Cond(encode(captions, sizes).crossattn * float("nan"))
     config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
     config.model.train_text_encoder = train_text_encoder
     config.training.cache_text_encoder_outputs = False

@@ -16,7 +16,7 @@ from lora_train.bench_caption import build_tiny_blip
 from lora_train.cli_demo import make_sample_dataset
 from lora_train.jobs import JobResult, JobRunner
 from lora_train.webui import api
-from lora_train.webui.host import WebUIHost
+from lora_train.webui.a1111 import A1111Host
 from webui_standin import REPO, ProbeHost, installed, queue_lock_held, train_values, wait_for_pause
 
 PREFIX = api.PREFIX
@@ -37,7 +37,7 @@ def tiny_blip(tmp_path_factory) -> Path:
     return build_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
-def client_for(runner: JobRunner, host: WebUIHost, api_auth=None) -> TestClient:
+def client_for(runner: JobRunner, host: A1111Host, api_auth=None) -> TestClient:
     app = FastAPI()
     api.register(app, runner, host, api_auth=api_auth)
     return TestClient(app)
@@ -56,7 +56,7 @@ def detail(response) -> str:
 
 
 def test_without_api_auth_the_routes_are_open(webui):
-    client = client_for(JobRunner(), WebUIHost())
+    client = client_for(JobRunner(), A1111Host())
     response = client.get(f"{PREFIX}/jobs/nope")
     assert response.status_code == 404 and response.json()["detail"] == "no job nope"
     assert client.post(f"{PREFIX}/jobs/nope/stop", json={"mode": "save"}).status_code == 404
@@ -70,7 +70,7 @@ def test_without_api_auth_the_routes_are_open(webui):
     (("bob", "pass:with:colons"), 404),
 ])
 def test_with_api_auth_only_listed_users_get_through(webui, credentials, status):
-    client = client_for(JobRunner(), WebUIHost(), api_auth=USERS)
+    client = client_for(JobRunner(), A1111Host(), api_auth=USERS)
     response = client.get(f"{PREFIX}/jobs/nope", auth=credentials)
     assert response.status_code == status
     if status == 401:
@@ -100,7 +100,7 @@ def test_train_through_the_api_while_a_second_job_gets_409(webui, sample_images,
 
     status = client.get(f"{PREFIX}/jobs/{job_id}").json()
     assert status["state"] == "done", status["error"]
-    assert status["output"] == str(WebUIHost().lora_dir() / f"{NAME}.safetensors") and Path(status["output"]).is_file()
+    assert status["output"] == str(A1111Host().lora_dir() / f"{NAME}.safetensors") and Path(status["output"]).is_file()
     assert status["report"]["verification"]["unmatched"] == []
     ended = client.post(f"{PREFIX}/jobs/{job_id}/stop", json={"mode": "save"})
     assert ended.status_code == 409 and "has already ended (done)" in ended.json()["detail"]
@@ -146,9 +146,9 @@ def test_stop_through_the_api(webui, sample_images):
 ])
 def test_bad_requests_get_422_naming_the_field(webui, route, body, expected):
     runner = JobRunner()
-    response = client_for(runner, WebUIHost()).post(f"{PREFIX}/{route}", json=body)
+    response = client_for(runner, A1111Host()).post(f"{PREFIX}/{route}", json=body)
     assert response.status_code == 422 and expected in detail(response), response.text
-    assert runner.current() is None and not list(WebUIHost().lora_dir().parent.glob("Lora/*"))
+    assert runner.current() is None and not list(A1111Host().lora_dir().parent.glob("Lora/*"))
 
 
 def test_stop_without_a_body_stops_and_saves(webui, sample_images):
@@ -167,14 +167,14 @@ def test_stop_without_a_body_stops_and_saves(webui, sample_images):
 
 
 def test_malformed_json_gets_422(webui):
-    response = client_for(JobRunner(), WebUIHost()).post(
+    response = client_for(JobRunner(), A1111Host()).post(
         f"{PREFIX}/train", content=b"{config: ", headers={"content-type": "application/json"})
     assert response.status_code == 422 and response.json()["detail"][0]["type"] == "value_error.jsondecode"
 
 
 def test_a_webui_that_cannot_train_gets_422_with_the_reason(tiny_ldm, tmp_path, sample_images):
     with installed(tiny_ldm, tmp_path, ["--lowvram"]):
-        response = client_for(JobRunner(), WebUIHost()).post(
+        response = client_for(JobRunner(), A1111Host()).post(
             f"{PREFIX}/train", json={"config": train_values(sample_images, NAME)})
     assert response.status_code == 422 and "--lowvram" in detail(response)
 
@@ -243,7 +243,7 @@ def test_the_tab_fills_the_advice_of_a_failed_run_into_the_settings(webui):
     advice = {"training.batch_size": 2, "training.gradient_checkpointing": True}
     job = runner.start("train", lambda job: (_ for _ in ()).throw(MemoryPreflightError("does not fit", advice)))
     assert job.done.wait(JOB_TIMEOUT_S)
-    tab = ui.build(runner, WebUIHost())
+    tab = ui.build(runner, A1111Host())
     button = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lora_train_apply_advice")
     index = next(i for i, dependency in enumerate(tab.dependencies) if button._id in dependency["targets"])
     outputs = dict(zip(tab.dependencies[index]["outputs"], tab.fns[index].fn()))

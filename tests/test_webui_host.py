@@ -1,4 +1,4 @@
-"""WebUIHost against the stand-in WebUI (tests/webui_standin): the merged LoRA undone before training, the
+"""A1111Host against the stand-in WebUI (tests/webui_standin): the merged LoRA undone before training, the
 queue lock and progress state around a job, the WebUI's RNG left alone, refusals, folders, generation through
 the WebUI's pipeline, and the check of a saved LoRA with the built-in Lora loader."""
 
@@ -17,7 +17,8 @@ from lora_train.config import config_from_dict
 from lora_train.models import TargetSpec
 from lora_train.models.ldm import LdmModel
 from lora_train.pipeline import train_lora
-from lora_train.webui.host import HostError, WebUIHost
+from lora_train.webui.a1111 import A1111Host
+from lora_train.webui.host import HostError
 from webui_standin import LORA_MODULES, installed, load_tiny_ldm, queue_lock_held, train_values
 
 PROMPT = "a red circle"
@@ -114,7 +115,7 @@ def test_training_model_undoes_the_lora_the_builtin_left_merged(webui, tiny_chec
     assert any(k.startswith("model.diffusion_model.") for k in merged)
     assert any(k.startswith("cond_stage_model.") for k in merged)
 
-    model = WebUIHost().training_model()
+    model = A1111Host().training_model()
 
     assert model.sd_model is webui.sd_model and model.name == "tiny-sd1"
     assert changed_tensors(webui.sd_model, checkpoint) == []
@@ -125,7 +126,7 @@ def test_training_model_undoes_the_lora_the_builtin_left_merged(webui, tiny_chec
 def test_without_the_builtin_lora_extension_training_still_starts_and_verification_says_why(
         webui, trained_lora, monkeypatch):
     monkeypatch.delitem(sys.modules, "networks")
-    host = WebUIHost()
+    host = A1111Host()
     assert host.training_model().sd_model is webui.sd_model
     with pytest.raises(HostError, match="built-in Lora extension is not loaded"):
         host.verify_lora(trained_lora)
@@ -134,7 +135,7 @@ def test_without_the_builtin_lora_extension_training_still_starts_and_verificati
 def test_exclusive_holds_the_queue_lock_and_brackets_the_progress_state(webui):
     from modules import progress
 
-    state, host = webui.state, WebUIHost()
+    state, host = webui.state, A1111Host()
     state.interrupted = True  # an Interrupt pressed during an earlier generation
     with host.exclusive("lora_train", TASK_ID):
         assert queue_lock_held()
@@ -150,7 +151,7 @@ def test_exclusive_holds_the_queue_lock_and_brackets_the_progress_state(webui):
 
 
 def test_exclusive_leaves_the_webuis_rng_state_as_it_was(webui, trained_lora):
-    host = WebUIHost()
+    host = A1111Host()
     torch.manual_seed(1)
     before = torch.get_rng_state()
     host.generate(PROMPT, seed=5, steps=2, width=64, height=64)
@@ -167,7 +168,7 @@ def test_exclusive_leaves_the_webuis_rng_state_as_it_was(webui, trained_lora):
 def test_generate_uses_the_webuis_pipeline_and_keeps_the_jobs_progress(webui):
     from modules import processing
 
-    state, host = webui.state, WebUIHost()
+    state, host = webui.state, A1111Host()
     with host.exclusive("lora_train"):
         host.report(3, 10, "step 3/10")
         shown = {name: getattr(state, name) for name in ("job", "job_count", "job_no", "textinfo")}
@@ -186,41 +187,45 @@ def test_generate_uses_the_webuis_pipeline_and_keeps_the_jobs_progress(webui):
 
 @pytest.mark.parametrize("args, change, message", [
     (["--lowvram"], None, "--lowvram"),
-    ([], "sdxl", "SD1.x and SD2.x"),
+    ([], "inpaint", "inpainting or depth model .* 9 input channels"),
+    ([], "sd3", r"\(SD3\) is not a model this extension trains; it trains SD 1.x, SD 2.x and SDXL"),
     ([], "unload", "no checkpoint is loaded"),
 ])
 def test_check_trainable_refuses_what_cannot_train(tiny_ldm, tmp_path, args, change, message):
     with installed(tiny_ldm, tmp_path, args) as shared:
-        if change == "sdxl":
-            shared.sd_model.is_sdxl = True
+        if change == "inpaint":
+            shared.sd_model.model.diffusion_model.in_channels = 9
+        elif change == "sd3":
+            shared.sd_model = torch.nn.Linear(1, 1)
+            shared.sd_model.is_sd3 = True
         elif change == "unload":
             shared.sd_model = None
         with pytest.raises(HostError, match=message):
-            WebUIHost().check_trainable()
+            A1111Host().check_trainable()
         with pytest.raises(HostError, match=message):
-            WebUIHost().training_model()
+            A1111Host().training_model()
 
 
 def test_medvram_trains(tiny_ldm, tmp_path):
     with installed(tiny_ldm, tmp_path, ["--medvram"]):
-        WebUIHost().check_trainable()
+        A1111Host().check_trainable()
 
 
 def test_folders_follow_the_webuis_command_line(tiny_ldm, tmp_path):
     data = tmp_path / "data"
     with installed(tiny_ldm, data):
-        host = WebUIHost()
+        host = A1111Host()
         assert host.lora_dir() == data / "models" / "Lora"
         assert host.work_dir("mine") == data / "outputs" / "lora-train" / "mine"
         assert host.presets_dir() == data / "lora-train-presets"
     with installed(tiny_ldm, data, ["--lora-dir", str(tmp_path / "loras"),
                                     "--lora-train-work-dir", str(tmp_path / "work")]):
-        assert WebUIHost().lora_dir() == tmp_path / "loras"
-        assert WebUIHost().work_dir("mine") == tmp_path / "work" / "mine"
+        assert A1111Host().lora_dir() == tmp_path / "loras"
+        assert A1111Host().work_dir("mine") == tmp_path / "work" / "mine"
 
 
 def test_verify_lora_places_every_layer_of_a_lora_trained_on_the_loaded_model(webui, trained_lora):
-    verification = WebUIHost().verify_lora(trained_lora)
+    verification = A1111Host().verify_lora(trained_lora)
     assert verification.unmatched == []
     assert verification.matched == verification.stems == len(stems(trained_lora)) > 100
     assert verification.ok
@@ -235,7 +240,7 @@ def test_verify_lora_names_the_stems_it_cannot_place(webui, trained_lora, tmp_pa
     bogus = tmp_path / "bogus.safetensors"
     save_file(tensors, str(bogus))
 
-    verification = WebUIHost().verify_lora(bogus)
+    verification = A1111Host().verify_lora(bogus)
     assert verification.unmatched == sorted(BOGUS_STEMS)
     assert verification.matched == len(stems(trained_lora)) and verification.stems == verification.matched + 2
     assert not verification.ok

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from lora_train.config import ConfigError
 from lora_train.jobs import JobRunner
-from lora_train.webui.host import WebUIHost
+from lora_train.webui.a1111 import A1111Host
 from lora_train.webui.tasks import PreviewOptions, prepare_train_config, train_job
 from host_state import assert_same_model, snapshot
 from webui_standin import ProbeHost, installed, train_values, wait_for_pause
@@ -50,11 +50,11 @@ def run_paused(host: ProbeHost, work, at_pause) -> dict:
 
 
 def lora_dir() -> Path:
-    return WebUIHost().lora_dir()
+    return A1111Host().lora_dir()
 
 
 def work_dir() -> Path:
-    return WebUIHost().work_dir(NAME)
+    return A1111Host().work_dir(NAME)
 
 
 def lora_dir_files():
@@ -96,6 +96,14 @@ def test_train_job_lands_the_lora_and_gives_the_model_back(webui, sample_images)
     assert processing.StableDiffusionProcessing.cached_c == [None, None], "cached conditioning dropped"
     assert_same_model(webui.sd_model, before)
     assert torch.equal(torch.get_rng_state(), rng), "the WebUI's RNG state is untouched"
+
+
+def test_the_file_records_the_clip_skip_the_webui_trained_with(webui, sample_images):
+    webui.opts.CLIP_stop_at_last_layers = 2
+    status = run(train_job(train_values(sample_images, NAME, steps=1), A1111Host()))
+    assert status["state"] == "done", status["error"]
+    with safe_open(status["output"], "pt") as file:
+        assert file.metadata()["ss_clip_skip"] == "2"
 
 
 def test_the_page_progress_bar_follows_the_job(webui, sample_images):

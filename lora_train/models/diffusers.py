@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List
 
 import torch
 from torch import nn
 
-from . import ModelLoadError, TargetSpec
+from . import ModelLoadError, SizeInfo, TargetSpec
 from .common import checkpointed, empty_module, frozen
+from .conditioning import Cond
 from .text_encoders import convert_text_encoder
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
@@ -27,6 +28,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 class DiffusersModel:
     """DiffusionModel over diffusers/transformers components."""
+
+    size_conditioned = False  # the conditioning depends on the caption only
+    clip_skip = 1  # the text encoder's last layer (SD2's conversion already leaves out the one it skips)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, prediction: str,
                  family: str, name: str):
@@ -56,17 +60,17 @@ class DiffusersModel:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return posterior.sample() * self.vae.config.scaling_factor
 
-    def encode_prompts(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
+    def encode_prompts(self, captions: List[str], sizes: List[SizeInfo]) -> Cond:
         tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return Cond(self.text_encoder(tokens.input_ids.to(self.device))[0])
 
     def encoders(self) -> Dict[str, nn.Module]:
         return {"vae": self.vae, "text_encoder": self.text_encoder}
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         dtype = self.unet.dtype
-        return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample
+        return self.unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond.crossattn.to(dtype)).sample
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:

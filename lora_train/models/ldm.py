@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-from . import TargetSpec
+from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
 from .common import checkpointed, frozen
+from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, compvis_to_diffusers_path,
                        find_targets, unet_blocks)
 
@@ -38,17 +39,33 @@ def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
 class LdmModel:
     """DiffusionModel over an ldm LatentDiffusion (SD1 or SD2)."""
 
-    def __init__(self, sd_model: nn.Module, name: str = "", device: Optional[torch.device] = None):
+    size_conditioned = False  # the conditioning depends on the caption only
+
+    def __init__(self, sd_model: nn.Module, name: str = "", device: Optional[torch.device] = None,
+                 clip_skip: int = 1):
         """device: where the UNet runs. The WebUI's --medvram keeps modules on the CPU between their
-        forwards and moves them in on call, so their current place is not where the work happens."""
+        forwards and moves them in on call, so their current place is not where the work happens.
+        clip_skip: the host's setting, which its text encoder wrapper applies (recorded in the metadata)."""
         self.sd_model = sd_model
         self.name = name
+        self.clip_skip = clip_skip
         self._device = torch.device(device) if device is not None else None
         self.text_model = _clip_text_model(sd_model.cond_stage_model)
         self.family = "sd1" if self.text_model is not None else "sd2"
         self.prediction = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
         self.alphas_cumprod = sd_model.alphas_cumprod.detach().float()
         self.unet = sd_model.model.diffusion_model
+
+    @classmethod
+    def adapt(cls, sd_model: nn.Module, held: HeldModel) -> Optional["LdmModel"]:
+        """The adapter for an ldm LatentDiffusion; None for any other model."""
+        if not (hasattr(sd_model, "cond_stage_model") and hasattr(sd_model, "get_learned_conditioning")):
+            return None
+        unet = sd_model.model.diffusion_model
+        if unet.in_channels != 4:
+            raise ModelLoadError(f"the loaded checkpoint is an inpainting or depth model (its UNet takes "
+                                 f"{unet.in_channels} input channels); load the base (non-inpainting) model")
+        return cls(sd_model, name=held.name, device=held.device, clip_skip=held.clip_skip)
 
     @property
     def device(self) -> torch.device:
@@ -74,14 +91,14 @@ class LdmModel:
         posterior = self.sd_model.encode_first_stage(pixels.to(self.device, vae_dtype))
         return self.sd_model.get_first_stage_encoding(posterior).float()
 
-    def encode_prompts(self, captions: List[str], sizes: List[Tuple[int, int]]) -> torch.Tensor:
-        return self.sd_model.get_learned_conditioning(list(captions))
+    def encode_prompts(self, captions: List[str], sizes: List[SizeInfo]) -> Cond:
+        return Cond(self.sd_model.get_learned_conditioning(list(captions)))
 
     def encoders(self) -> Dict[str, nn.Module]:
         return {"vae": self.sd_model.first_stage_model, "text_encoder": self.sd_model.cond_stage_model}
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self.sd_model.apply_model(noisy.to(self.dtype), timesteps, cond.to(self.dtype))
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.sd_model.apply_model(noisy.to(self.dtype), timesteps, cond.crossattn.to(self.dtype))
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from ..captioning import DEFAULT_MODEL, CaptionOptions
 from ..jobs import JobBusyError, JobNotFoundError, JobRunner
+from .host import Host
 from .tasks import CaptionRequest, PreviewOptions, caption_job, train_job
 
 PREFIX = "/lora-train/v1"
@@ -77,7 +78,7 @@ def _unprocessable(error: ValueError) -> HTTPException:
     return HTTPException(422, str(error))
 
 
-def register(app: FastAPI, runner: JobRunner, host, api_auth: Optional[str] = None) -> None:
+def register(app: FastAPI, runner: JobRunner, host: Host, api_auth: Optional[str] = None) -> None:
     """Adds the routes to the WebUI's FastAPI app."""
     dependencies = _auth_dependencies(api_auth)
 

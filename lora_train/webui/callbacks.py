@@ -1,17 +1,25 @@
 """What `scripts/lora_train_tab.py` registers with the WebUI: the tab, its settings, the API routes.
 
-One `JobRunner` and one `WebUIHost` serve the tab and the API, so a job started in one is visible and
-stoppable from the other. Heavy modules (torch, gradio, the trainer) load only when a callback runs.
+One `JobRunner` and one `Host` (picked once, for the WebUI this is) serve the tab and the API, so a job started
+in one is visible and stoppable from the other. Heavy modules (torch, gradio, the trainer) load only when a callback runs.
 """
 
 from __future__ import annotations
 
 from ..jobs import JobRunner
-from .host import WebUIHost
+from .host import Host
+
+
+def pick_host() -> Host:
+    """The host for the WebUI this process runs."""
+    from .a1111 import A1111Host
+
+    return A1111Host()
+
 
 SECTION = ("lora_train", "LoRA Train")  # settings page section; listed under the "training" category
 RUNNER = JobRunner()
-HOST = WebUIHost()
+HOST = pick_host()
 
 
 def ui_tabs():

@@ -1,25 +1,16 @@
-"""The WebUI host: the loaded checkpoint, the queue lock, progress, the Lora folder, generation, verification.
+"""What a job needs from the WebUI it runs in: the `Host` protocol, one implementation per WebUI.
 
-The only code (with the rest of `lora_train/webui/`) that imports the WebUI's `modules`, always inside
-functions, so importing it costs nothing at WebUI start-up. Facts it relies on are in DESIGN.md §4: the
-built-in Lora extension leaves the last LoRA merged into the weights until a later generation, so training
-first restores the checkpoint's weights through the built-in's own functions; the queue lock is held for the
-whole job; the model is trained in place and `LdmModel.training()` plus the adapters' detach give it back as
-it was.
+`a1111.py` is AUTOMATIC1111 1.10 (and the WebUIs that keep its shell). A new WebUI is one new file implementing
+`Host`, chosen in `callbacks.pick_host()`; the tab, the API and the jobs only ever see the protocol.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import ContextManager, List, Optional, Protocol
 
-from ..models.ldm import LdmModel
-
-JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
+from ..models import DiffusionModel
 
 
 class HostError(ValueError):
@@ -39,165 +30,38 @@ class Verification:
         return not self.unmatched and self.matched > 0
 
 
-def _networks():
-    """The built-in Lora extension's `networks` module (loaded by the WebUI under that top-level name)."""
-    return sys.modules.get("networks")
-
-
-class WebUIHost:
-    """What a job needs from the running WebUI."""
-
-    @staticmethod
-    def shared():
-        from modules import shared
-
-        return shared
-
-    def sd_model(self):
-        model = self.shared().sd_model
-        if model is None:
-            raise HostError("no checkpoint is loaded; pick one in the checkpoint list at the top of the page")
-        return model
+class Host(Protocol):
+    def exclusive(self, job: str, task_id: Optional[str] = None) -> ContextManager:
+        """The WebUI's GPU to ourselves for the block (its queue lock), with its progress state bracketed."""
 
     def check_trainable(self) -> None:
-        model = self.sd_model()
-        if getattr(model, "is_sdxl", False) or not hasattr(model, "cond_stage_model"):
-            raise HostError("training in the WebUI supports SD1.x and SD2.x checkpoints; load one of those")
-        if getattr(self.shared().cmd_opts, "lowvram", False):
-            raise HostError("training cannot run with --lowvram (it moves the model layer by layer); restart "
-                            "the WebUI without it, or with --medvram")
+        """Raises HostError (what to change) when the loaded model or the WebUI's flags cannot train."""
 
-    def lora_dir(self) -> Path:
-        return Path(self.shared().cmd_opts.lora_dir)
+    def training_model(self) -> DiffusionModel:
+        """The loaded checkpoint as a DiffusionModel, as the checkpoint file has it (no LoRA merged in)."""
 
-    def work_dir(self, name: str) -> Path:
-        """Logs, checkpoints and previews: outside the Lora folder, whose every .safetensors is listed."""
-        from modules import paths_internal
-
-        root = getattr(self.shared().cmd_opts, "lora_train_work_dir", None)
-        return Path(root or Path(paths_internal.default_output_dir) / "lora-train") / name
-
-    def presets_dir(self) -> Path:
-        """Saved setting presets, in the WebUI's data folder so extension updates keep them."""
-        from modules import paths_internal
-
-        return Path(paths_internal.data_path) / "lora-train-presets"
-
-    def checkpoint_name(self) -> str:
-        info = getattr(self.sd_model(), "sd_checkpoint_info", None)
-        return getattr(info, "name_for_extra", None) or getattr(info, "title", "") or "loaded checkpoint"
-
-    @contextlib.contextmanager
-    def exclusive(self, job: str, task_id: Optional[str] = None) -> Iterator[None]:
-        """Holds the WebUI's queue lock and brackets shared.state, as the WebUI's own GPU calls do.
-
-        With a task id ("task(...)" from the page), the WebUI's progress API reports the job under it, so
-        the page's own progress bar follows it, across page reloads too. The job's random draws (previews,
-        the built-in loader's layer init in verify_lora) leave the WebUI's RNG state as it was.
-        """
-        import torch
-        from modules import call_queue, progress
-
-        state = self.shared().state
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        if task_id:
-            progress.add_task_to_queue(task_id)
-        with call_queue.queue_lock, torch.random.fork_rng(devices=cuda):
-            state.begin(job=job)
-            if task_id:
-                progress.start_task(task_id)
-            try:
-                yield
-            finally:
-                if task_id:
-                    progress.finish_task(task_id)
-                state.end()
-
-    def training_model(self) -> LdmModel:
-        """The loaded checkpoint as a DiffusionModel, with the built-in Lora's merged weights undone."""
-        from modules import devices
-
-        self.check_trainable()
-        self.restore_base_weights()
-        return LdmModel(self.sd_model(), name=self.checkpoint_name(), device=devices.device)
-
-    def restore_base_weights(self) -> None:
-        """Makes the weights equal the checkpoint's again and stops the built-in Lora re-applying any LoRA."""
-        import torch
-
-        networks = _networks()
-        if networks is None:
-            return
-        with torch.no_grad():
-            networks.loaded_networks.clear()
-            for module in self.sd_model().modules():
-                if hasattr(module, "network_layer_name"):
-                    networks.network_restore_weights_from_backup(module)
-                    networks.network_reset_cached_weight(module)
-
-    def report(self, step: int, total: int, text: str) -> None:
-        """Progress for the WebUI's own progress bar (/internal/progress reads job_no / job_count)."""
-        state = self.shared().state
-        state.job_count, state.job_no, state.sampling_step, state.sampling_steps = total, step, 0, 0
-        state.textinfo = text
-
-    def interrupted(self) -> bool:
-        return bool(self.shared().state.interrupted)
-
-    def show_image(self, image) -> None:
-        self.shared().state.assign_current_image(image)
+    def checkpoint_name(self) -> str: ...
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
                  negative_prompt: str = "", cfg_scale: float = 7.0):
-        """One image from the WebUI's own txt2img pipeline and sampler; the caller holds the queue lock."""
-        from modules import processing
+        """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`."""
 
-        state = self.shared().state
-        saved = {name: getattr(state, name) for name in JOB_FIELDS}
-        p = processing.StableDiffusionProcessingTxt2Img(
-            sd_model=self.sd_model(), prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-            width=width, height=height, cfg_scale=cfg_scale, do_not_save_samples=True, do_not_save_grid=True)
-        try:
-            with contextlib.closing(p):
-                return processing.process_images(p).images[0]
-        finally:
-            for name, value in saved.items():
-                setattr(state, name, value)
+    def report(self, step: int, total: int, text: str) -> None:
+        """Progress for the WebUI's own progress bar."""
 
-    def clear_cond_cache(self) -> None:
-        """Drops the conditioning the WebUI may reuse between generations (it predates the new LoRA)."""
-        from modules import processing
+    def interrupted(self) -> bool:
+        """Whether the user pressed the WebUI's Interrupt."""
 
-        processing.StableDiffusionProcessing.cached_c = [None, None]
-        processing.StableDiffusionProcessing.cached_uc = [None, None]
+    def show_image(self, image) -> None:
+        """Shows the image as the WebUI's live preview."""
 
-    def refresh_loras(self) -> None:
-        networks = _networks()
-        if networks is not None:
-            networks.list_available_networks()
+    def lora_dir(self) -> Path: ...
 
-    def verify_lora(self, path: Path) -> Verification:
-        """Loads the file with the WebUI's own Lora loader and counts the stems it cannot place."""
-        networks = _networks()
-        if networks is None:
-            raise HostError("the built-in Lora extension is not loaded, so the file cannot be checked")
-        import network
-        from safetensors import safe_open
+    def work_dir(self, name: str) -> Path:
+        """Logs, checkpoints and previews of the run `name`, outside the Lora folder."""
 
-        with safe_open(str(path), "pt") as file:
-            stems = sorted({key.split(".", 1)[0] for key in file.keys()})
-        model = self.sd_model()
-        mapping = model.network_layer_mapping
-        is_sd2 = "model_transformer_resblocks" in mapping
-        unmatched = [stem for stem in stems if not _placed(networks, mapping, stem, is_sd2)]
-        loaded = networks.load_network(Path(path).stem, network.NetworkOnDisk(Path(path).stem, str(path)))
-        return Verification(stems=len(stems), matched=len(loaded.modules), unmatched=unmatched)
+    def presets_dir(self) -> Path: ...
 
+    def after_save(self, path: Path) -> Verification:
+        """A new LoRA file landed: verify it with the WebUI's loader, refresh the Lora list, drop stale caches."""
 
-def _placed(networks, mapping, stem: str, is_sd2: bool) -> bool:
-    """Whether the built-in loader finds a module for the stem (its own name conversion, then q/k/v fusion)."""
-    key = networks.convert_diffusers_name_to_compvis(stem, is_sd2)
-    if key in mapping:
-        return True
-    fused = re.match(r"(.*)_([qkv]_proj)$", key)
-    return bool(fused) and fused.group(1) in mapping

@@ -17,7 +17,7 @@ from ..config import ConfigError, TrainConfig, config_from_dict
 from ..export import check_free
 from ..jobs import Job, JobResult
 from ..pipeline import train_lora
-from .host import WebUIHost
+from .host import Host
 
 Work = Callable[[Job], JobResult]
 
@@ -32,7 +32,7 @@ class PreviewOptions:
     height: Optional[int] = None
 
 
-def prepare_train_config(values: Dict[str, Any], host: WebUIHost) -> TrainConfig:
+def prepare_train_config(values: Dict[str, Any], host: Host) -> TrainConfig:
     """The config for a WebUI run: the loaded checkpoint, the LoRA in the Lora folder, work files outside it.
 
     Raises:
@@ -60,7 +60,7 @@ def prepare_train_config(values: Dict[str, Any], host: WebUIHost) -> TrainConfig
 class HostProgress:
     """Trainer callback: job status, the WebUI's progress bar, stop requests from the job or Interrupt."""
 
-    def __init__(self, job: Job, host: WebUIHost):
+    def __init__(self, job: Job, host: Host):
         self.job, self.host = job, host
 
     def __call__(self, event: str, trainer) -> None:
@@ -82,7 +82,7 @@ class HostProgress:
 class Previews:
     """Trainer callback: an image from the WebUI's sampler at the start and every N steps, same seed."""
 
-    def __init__(self, host: WebUIHost, options: PreviewOptions, folder: Path, job: Job):
+    def __init__(self, host: Host, options: PreviewOptions, folder: Path, job: Job):
         self.host, self.options, self.folder, self.job = host, options, folder, job
         self.paths: List[str] = []
 
@@ -107,7 +107,7 @@ class Previews:
         self.job.update(report={"previews": list(self.paths)})
 
 
-def train_job(values: Dict[str, Any], host: WebUIHost, preview: Optional[PreviewOptions] = None,
+def train_job(values: Dict[str, Any], host: Host, preview: Optional[PreviewOptions] = None,
               task_id: Optional[str] = None) -> Work:
     """Checks the request now; returns the work that trains and verifies."""
     config = prepare_train_config(values, host)
@@ -123,11 +123,9 @@ def train_job(values: Dict[str, Any], host: WebUIHost, preview: Optional[Preview
                       "previews": previews.paths, "epoch_files": [str(p) for p in result.epoch_files],
                       "checkpoints": [str(p) for p in result.checkpoints], "discarded": result.lora_path is None,
                       "skipped_steps": result.skipped_steps}
-            verification = host.verify_lora(result.lora_path) if result.lora_path is not None else None
+            verification = host.after_save(result.lora_path) if result.lora_path is not None else None
             if verification is not None:
                 report["verification"] = dataclasses.asdict(verification)
-                host.refresh_loras()
-            host.clear_cond_cache()
         if verification is not None and not verification.ok:
             raise RuntimeError(f"{result.lora_path} was saved, but the WebUI's Lora loader placed "
                                f"{verification.matched} of its {verification.stems} layers (could not place: "
@@ -152,7 +150,7 @@ class CaptionRequest:
     num_beams: int = CaptionOptions.num_beams
 
 
-def caption_job(request: CaptionRequest, host: WebUIHost, task_id: Optional[str] = None) -> Work:
+def caption_job(request: CaptionRequest, host: Host, task_id: Optional[str] = None) -> Work:
     """Checks the request now (folder, options, model); returns the work that captions."""
     if not Path(request.input).is_dir():
         raise ConfigError(f"input: {request.input!r} is not a folder; give the folder that holds the images")

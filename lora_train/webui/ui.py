@@ -22,7 +22,7 @@ from ..jobs import JobBusyError, JobRunner
 from . import actions
 from ..preflight import changes_text
 from .form import Field, advised_values, config_to_values, form_fields, to_form, values_to_dict
-from .host import WebUIHost
+from .host import Host
 from .tasks import CaptionRequest, PreviewOptions, caption_job, train_job
 
 POLL_SECONDS = 1.0
@@ -84,7 +84,7 @@ def _caption_tab(ui: SimpleNamespace) -> None:
     ui.caption_status = gr.Markdown(elem_id="lora_train_caption_status")
 
 
-def _settings_tab(ui: SimpleNamespace, host: WebUIHost) -> None:
+def _settings_tab(ui: SimpleNamespace, host: Host) -> None:
     with gr.Row():
         ui.preset = gr.Dropdown(choices=actions.list_presets(host.presets_dir()), value="default", label="Preset")
         ui.load_preset = gr.Button("Load preset")
@@ -137,7 +137,7 @@ def _test_tab(ui: SimpleNamespace) -> None:
                                 elem_id="lora_train_test_images")
 
 
-def build(runner: JobRunner, host: WebUIHost) -> gr.Blocks:
+def build(runner: JobRunner, host: Host) -> gr.Blocks:
     ui = SimpleNamespace()
     with gr.Blocks(analytics_enabled=False) as tab:
         ui.task_id = gr.Textbox(visible=False, elem_id="lora_train_task_id")
@@ -187,7 +187,7 @@ def _config_values(ui: SimpleNamespace, folder: str, values: List[Any]) -> Dict[
     return config
 
 
-def _wire_settings(ui: SimpleNamespace, host: WebUIHost, runner: JobRunner) -> None:
+def _wire_settings(ui: SimpleNamespace, host: Host, runner: JobRunner) -> None:
     def load(name):
         return config_to_values(ui.fields, actions.load_preset(host.presets_dir(), name))
 
@@ -224,7 +224,7 @@ def _watch(runner: JobRunner, kind: str) -> Iterator[tuple]:
         time.sleep(POLL_SECONDS)
 
 
-def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: WebUIHost) -> None:
+def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: Host) -> None:
     def start_train(task_id, folder, every, prompt, seed, *values):
         preview = PreviewOptions(every_n_steps=int(every or 0), prompt=prompt or "", seed=int(seed or 0))
         return _start(runner, "train", lambda: train_job(_config_values(ui, folder, list(values)), host, preview,
@@ -296,7 +296,7 @@ def _stop(runner: JobRunner, mode: str) -> str:
     return f"Stopping after this step ({'saving' if mode == 'save' else 'discarding'} the LoRA)..."
 
 
-def _wire_test(ui: SimpleNamespace, host: WebUIHost) -> None:
+def _wire_test(ui: SimpleNamespace, host: Host) -> None:
     def generate(name, weight, seed, prompt, size):
         if not name.strip():
             return []

@@ -15,7 +15,7 @@ sd_models, options, script_callbacks, infotext_utils; extensions-builtin/Lora: p
 networks. Not reproduced: fp16 weights, the hijack's wrapper around the text encoder, the built-in's patched
 torch-layer forwards, `<lora:...>` in prompts, SD2's MultiheadAttention and SDXL.
 
-Helpers: `ProbeHost` (the real WebUIHost, recording progress reports and pausing a job at a step),
+Helpers: `ProbeHost` (the real A1111Host, recording progress reports and pausing a job at a step),
 `queue_lock_held`, `train_values`, `load_tiny_ldm`.
 """
 
@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from lora_train.webui.host import WebUIHost
+from lora_train.webui.a1111 import A1111Host
 
 STANDIN = Path(__file__).resolve().parent
 LORA_EXTENSION = STANDIN / "extensions-builtin" / "Lora"
@@ -119,7 +119,7 @@ class Report:
     lock_held: bool
 
 
-class ProbeHost(WebUIHost):
+class ProbeHost(A1111Host):
     """The real host, recording each progress report; with pause_at, the job waits at that step.
 
     At the pause the job holds the queue lock; `paused` is set, and the job goes on when the test sets
