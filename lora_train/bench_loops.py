@@ -135,7 +135,7 @@ def _compiled(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[
 
 
 def _premade(model, images: Path, settings: BenchSettings):
-    """Pixels, captions, latents and conditioning of every image."""
+    """Pixels, captions, latents and conditioning (a Cond) of every image."""
     from .config import DataConfig
     from .dataset import load_dataset
 
@@ -144,7 +144,8 @@ def _premade(model, images: Path, settings: BenchSettings):
     with torch.no_grad():
         pixels = torch.stack([dataset.load_pixels(i) for i in range(len(dataset.samples))])
         latents = model.encode_images(pixels).float()
-        cond = model.encode_prompts([s.caption for s in dataset.samples], [s.bucket for s in dataset.samples])
+        cond = model.encode_prompts([s.caption for s in dataset.samples],
+                                    [dataset.size_info(i) for i in range(len(dataset.samples))])
     return pixels, [s.caption for s in dataset.samples], latents, cond
 
 

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .models import SizeInfo
+
 GIB = 1024 ** 3
 FRAMEWORK_BYTES = GIB // 2  # CUDA context, cuBLAS/cuDNN workspaces, allocator slack
 PROBE_LATENT = 8  # the smallest latent side an SD UNet takes (three 2x downsamples)
@@ -83,7 +85,7 @@ def activation_bytes_per_pixel(model) -> float:
 
     device = model.device
     with torch.no_grad():
-        cond = model.encode_prompts([""], [(PROBE_LATENT * 8, PROBE_LATENT * 8)])
+        cond = model.encode_prompts([""], [SizeInfo.square(PROBE_LATENT * 8)])
     noisy = torch.zeros(1, 4, PROBE_LATENT, PROBE_LATENT, device=device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model.predict(noisy, torch.tensor([500], device=device), cond)
