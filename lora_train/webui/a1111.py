@@ -14,7 +14,7 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Set
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
@@ -183,18 +183,30 @@ class A1111Host:
 
         with safe_open(str(path), "pt") as file:
             stems = sorted({key.split(".", 1)[0] for key in file.keys()})
-        model = self.sd_model()
-        mapping = model.network_layer_mapping
+        mapping = self.sd_model().network_layer_mapping
         is_sd2 = "model_transformer_resblocks" in mapping
-        unmatched = [stem for stem in stems if not _placed(networks, mapping, stem, is_sd2)]
+        keys = {stem: networks.convert_diffusers_name_to_compvis(stem, is_sd2) for stem in stems}
+        placeable = set(keys.values())
+        unmatched = [stem for stem, key in keys.items() if not _placed(mapping, key, placeable)]
         loaded = networks.load_network(Path(path).stem, network.NetworkOnDisk(Path(path).stem, str(path)))
         return Verification(stems=len(stems), matched=len(loaded.modules), unmatched=unmatched)
 
 
-def _placed(networks, mapping, stem: str, is_sd2: bool) -> bool:
-    """Whether the built-in loader finds a module for the stem (its own name conversion, then q/k/v fusion)."""
-    key = networks.convert_diffusers_name_to_compvis(stem, is_sd2)
-    if key in mapping:
-        return True
-    fused = re.match(r"(.*)_([qkv]_proj)$", key)
-    return bool(fused) and fused.group(1) in mapping
+_PROJECTION = re.compile(r"(.*)_(q|k|v|out)_proj")
+_FUSED_PROJECTIONS = ("q", "k", "v", "out")
+
+
+def _placed(mapping, key: str, keys: Set[str]) -> bool:
+    """Whether the built-in loader places a layer name (from its own conversion of a stem) on the model.
+
+    A layer of the model is placed; a q/k/v projection is placed on the layer that holds it fused; a
+    `nn.MultiheadAttention`'s q, k, v and out are merged together or not at all, so only when the file (`keys`)
+    has all four of them.
+    """
+    import torch
+
+    projection = _PROJECTION.fullmatch(key)
+    holder = mapping.get(projection.group(1)) if projection else None
+    if isinstance(holder, torch.nn.MultiheadAttention):
+        return all(f"{projection.group(1)}_{part}_proj" in keys for part in _FUSED_PROJECTIONS)
+    return key in mapping or (holder is not None and projection.group(2) != "out")

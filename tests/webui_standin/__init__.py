@@ -13,7 +13,8 @@ shared_state, shared_cmd_options + cmd_args + script_loading (flags, preloads), 
 fifo_lock (queue_lock), progress (task queue, progressapi), processing (txt2img through the loaded model),
 sd_models, options, script_callbacks, infotext_utils; extensions-builtin/Lora: preload, network, network_lora,
 networks. Not reproduced: fp16 weights, the hijack's wrapper around the text encoder, the built-in's patched
-torch-layer forwards, `<lora:...>` in prompts, SD2's MultiheadAttention and SDXL.
+torch-layer forwards, `<lora:...>` in prompts and SDXL. SD2 is an ldm model whose text encoder is ldm's
+FrozenOpenCLIPEmbedder itself (its `nn.MultiheadAttention` layers merge LoRAs as the built-in does).
 
 Helpers: `ProbeHost` (the real A1111Host, recording progress reports and pausing a job at a step),
 `queue_lock_held`, `train_values`, `load_tiny_ldm`.
@@ -79,22 +80,24 @@ def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequenc
 
 
 def load_model(shared, sd_model: torch.nn.Module) -> None:
-    """What A1111's sd_models.load_model leaves on an SD1 model, then the built-in Lora's model-loaded callback.
+    """What A1111's sd_models.load_model leaves on an SD1/SD2 model, then the built-in Lora's model-loaded callback.
 
-    The WebUI does not freeze the UNet, and the text encoder's token embedding (replaced by the hijack) is in
+    The WebUI does not freeze the UNet, and SD1's text encoder token embedding (replaced by the hijack) is in
     training mode: both are set here so that a job must restore them exactly.
     """
     from modules import paths_internal, sd_models
 
     import networks
 
-    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = True, False, False
+    is_sd1 = hasattr(sd_model.cond_stage_model, "transformer")  # SD2's is OpenCLIP: `.model`
+    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = is_sd1, not is_sd1, False
     sd_model.sd_checkpoint_info = sd_models.CheckpointInfo(
         os.path.join(paths_internal.models_path, "Stable-diffusion", CHECKPOINT))
     sd_model.sd_model_checkpoint = sd_model.sd_checkpoint_info.filename
     for parameter in sd_model.model.parameters():
         parameter.requires_grad_(True)
-    sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding.train()
+    if is_sd1:
+        sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding.train()
     shared.sd_model = sd_model
     networks.assign_network_names_to_compvis_modules(sd_model)
 

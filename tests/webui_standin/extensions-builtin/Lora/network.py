@@ -77,7 +77,10 @@ class NetworkModule:
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape
+        if hasattr(self.sd_module, 'weight'):
+            self.shape = self.sd_module.weight.shape
+        else:  # nn.MultiheadAttention: q, k, v and out all have out_proj's shape
+            self.shape = self.sd_module.out_proj.weight.shape
         self.dim = None
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
         self.scale = weights.w["scale"].item() if "scale" in weights.w else None
