@@ -24,6 +24,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 MATMUL_PRECISION = ("default", "highest", "high", "medium")  # torch.set_float32_matmul_precision
 SAVE_PRECISION = ("fp16", "bf16", "fp32")
+PREDICTIONS = ("auto", "epsilon", "v_prediction")  # auto: what the checkpoint says (DiffusionModel.prediction)
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,7 @@ class ModelConfig:
     train_text_encoder: bool = True  # also adapt the text encoder (stronger trigger words)
     conv_rank: int = 0  # rank for ResNet/sample convolutions (LoCon); 0 = attention layers only
     conv_alpha: float = 1.0  # alpha for the convolution adapters
+    prediction: str = "auto"  # auto (what the checkpoint says) | epsilon | v_prediction (a v-pred file without marker)
 
     def validate(self, section: str = "model") -> None:
         if self.base_model:
@@ -107,6 +109,7 @@ class ModelConfig:
         _check_range(f"{section}.dropout", self.dropout, 0.0, 0.9)
         _check_range(f"{section}.conv_rank", self.conv_rank, 0, 1024)
         _check_range(f"{section}.conv_alpha", self.conv_alpha, 0.0)
+        _check_choice(f"{section}.prediction", self.prediction, PREDICTIONS)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the UNet: a slow first step, then faster steps
     noise_offset: float = 0.0  # adds offset noise (0.05-0.1 helps very dark/bright images)
     min_snr_gamma: Optional[float] = None  # Min-SNR loss weighting (5 is common); None = off
+    zero_terminal_snr: bool = False  # rescale the schedule so the last step is pure noise (v-prediction only)
     seed: int = 42  # same seed, data and settings = same LoRA
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder written by save_steps
 
@@ -214,10 +218,26 @@ class TrainConfig:
             _fail("model.base_model", "", "set it to a .safetensors checkpoint or a diffusers folder")
         for section in SECTIONS:
             getattr(self, section).validate(section)
+        if self.model.prediction != "auto":
+            check_zero_terminal_snr(self.training.zero_terminal_snr, self.model.prediction)
         return self
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         return dataclasses.asdict(self)
+
+
+def check_zero_terminal_snr(zero_terminal_snr: bool, prediction: str) -> None:
+    """Refuses zero-terminal SNR for an epsilon-prediction model (Lin et al. 2023, arXiv:2305.08891, section 3.2).
+
+    At the last step the model sees pure noise, so the epsilon target is its own input (nothing to learn), and
+    a sampler's x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a) divides by a = 0 there. The paper trains such schedules
+    with v-prediction; kohya only warns, which yields LoRAs that do not sample well, so this refuses.
+    """
+    if zero_terminal_snr and prediction != "v_prediction":
+        _fail("training.zero_terminal_snr", True,
+              f"the model predicts {prediction}, and with zero terminal SNR the last step's input is pure noise: "
+              "an epsilon model learns nothing there and cannot be sampled from it; use model.prediction: "
+              "v_prediction (only for a v-prediction checkpoint) or set training.zero_terminal_snr: false")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig, "output": OutputConfig}

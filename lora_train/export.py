@@ -23,6 +23,7 @@ from safetensors.torch import save as save_bytes
 from . import __version__
 from .config import TrainConfig
 from .models.families import FAMILIES
+from .schedule import effective_schedule
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -41,6 +42,7 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
                    comment: str = f"sd-webui-lora-train {__version__}") -> Dict[str, str]:
     """Training metadata as strings, kohya's keys, from what was built: a DiffusionModel, its LoRANetwork, a Dataset."""
     train, data, spec = config.training, config.data, network.spec
+    schedule = effective_schedule(model, config)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(spec.rank),
@@ -62,6 +64,7 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
         "ss_mixed_precision": train.mixed_precision,
         "ss_noise_offset": str(train.noise_offset),
         "ss_min_snr_gamma": str(train.min_snr_gamma),
+        "ss_zero_terminal_snr": str(schedule.zero_terminal_snr),
         "ss_seed": str(train.seed),
         "ss_network_train_unet_only": str(not _has_text_encoder(network)),
         "ss_sd_model_name": model.name,
@@ -70,7 +73,7 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
     }
     if spec.conv_rank:
         metadata["ss_network_args"] = json.dumps({"conv_dim": spec.conv_rank, "conv_alpha": spec.conv_alpha})
-    return {**metadata, **FAMILIES[model.family].metadata(model.prediction), **_modelspec(config)}
+    return {**metadata, **FAMILIES[model.family].metadata(schedule.prediction), **_modelspec(config)}
 
 
 def _has_text_encoder(network) -> bool:

@@ -6,7 +6,13 @@ With a = alphas_cumprod[t] (broadcast per sample):
            = sqrt(a) * noise - sqrt(1 - a) * x0                (v prediction, Salimans & Ho 2022)
     SNR(t) = a / (1 - a)
 Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556; diffusers `compute_snr`):
-    w = min(SNR, gamma) / SNR for epsilon,  min(SNR, gamma) / (SNR + 1) for v.
+    w = min(SNR, gamma) / SNR = min(1, gamma / SNR) for epsilon,  min(SNR, gamma) / (SNR + 1) for v;
+    the epsilon form is written as min(1, gamma / SNR) so that SNR = 0 gives its limit 1, not 0 / 0.
+Zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+arXiv:2305.08891, Algorithm 1; https://arxiv.org/abs/2305.08891), on s = sqrt(alphas_cumprod) with first
+value s_0 and last s_T:
+    s' = (s - s_T) * s_0 / (s_0 - s_T),   alphas_cumprod' = s'^2
+so the last step has a = 0 (SNR 0: pure noise), the first keeps its SNR, and the order of the steps is kept.
 """
 
 from __future__ import annotations
@@ -38,7 +44,19 @@ def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Per-sample loss weights [B] for Min-SNR-gamma."""
+    """Per-sample loss weights [B] for Min-SNR-gamma; finite at SNR = 0 (a zero-terminal-SNR last step)."""
     ratio = snr(alpha_bar)
-    clipped = torch.clamp(ratio, max=gamma)
-    return clipped / (ratio + 1) if prediction == "v_prediction" else clipped / ratio
+    if prediction == "v_prediction":
+        return torch.clamp(ratio, max=gamma) / (ratio + 1)
+    return torch.clamp(gamma / ratio, max=1.0)  # gamma / 0 = inf, clamped to the limit 1
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule shifted and scaled so its last step has SNR 0 and its first its old SNR (formula above).
+
+    Computed in float64 and returned in the input's dtype; the last value is exactly 0.
+    """
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = (root - last) * (first / (first - last))
+    return (rescaled ** 2).to(alphas_cumprod.dtype)

@@ -30,6 +30,7 @@ from .losses import diffusion_target, min_snr_weight, noisy_latents
 from .models.conditioning import Cond
 from .runtime import Offloader, channels_last
 from .optim import build_optimizer, build_scheduler
+from .schedule import effective_schedule
 
 logger = logging.getLogger(__name__)
 Callback = Callable[[str, "Trainer"], None]
@@ -89,7 +90,8 @@ class Trainer:
         self.latents = LatentCache(model, dataset, store=train.cache_latents, folder=folder)
         self.texts = TextCache(model, store=train.cache_text_encoder_outputs and not config.model.train_text_encoder
                                and not config.data.shuffle_captions)
-        self.alphas_cumprod = model.alphas_cumprod.to(self.device)
+        self.schedule = effective_schedule(model, config)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
         self.predict = torch.compile(model.predict) if train.compile else model.predict
         self.last_checkpoint: Optional[Path] = None
         self.offloader = Offloader([], self.device)  # encoders leave the device while their outputs are cached
@@ -111,11 +113,12 @@ class Trainer:
 
     @property
     def settings(self) -> Dict:
-        """What a resumed run must share with the checkpoint for the data order and shapes to match."""
+        """What a resumed run must share with the checkpoint: data order, shapes and what the UNet learns to output."""
         train, model = self.config.training, self.config.model
         return {"batch_size": train.batch_size, "gradient_accumulation_steps": train.gradient_accumulation_steps,
                 "seed": train.seed, "lora_rank": model.lora_rank, "conv_rank": model.conv_rank,
-                "train_text_encoder": model.train_text_encoder, "images": len(self.dataset.samples)}
+                "train_text_encoder": model.train_text_encoder, "images": len(self.dataset.samples),
+                "prediction": self.schedule.prediction, "zero_terminal_snr": self.schedule.zero_terminal_snr}
 
     def run(self) -> Position:
         """Trains until total_steps or a stop request; returns where it stopped."""
@@ -211,10 +214,10 @@ class Trainer:
         timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator, device=device)
         alpha_bar = alphas_cumprod[timesteps]
         prediction = self.predict(noisy_latents(latents, noise, alpha_bar), timesteps, cond)
-        target = diffusion_target(latents, noise, alpha_bar, self.model.prediction)
+        target = diffusion_target(latents, noise, alpha_bar, self.schedule.prediction)
         loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if train.min_snr_gamma:
-            loss = loss * min_snr_weight(alpha_bar, train.min_snr_gamma, self.model.prediction)
+            loss = loss * min_snr_weight(alpha_bar, train.min_snr_gamma, self.schedule.prediction)
         return loss.mean()
 
     def _encode_prompts(self, captions: List[str], indices: List[int], flips: List[bool]) -> Cond:

@@ -76,6 +76,12 @@ def test_scientific_notation_without_a_dot_is_a_number(folder):
     ({"model": {"dropout": 1.5}}, "model.dropout: 1.5 is not valid; use a value <= 0.9"),
     ({"output": {"output_name": "../escape"}}, "output.output_name: '../escape' is not valid; use a plain file name"),
     ({"output": {"save_precision": "fp8"}}, "output.save_precision: 'fp8' is not valid; use one of fp16, bf16, fp32"),
+    ({"model": {"prediction": "v-prediction"}},
+     "model.prediction: 'v-prediction' is not valid; use one of auto, epsilon, v_prediction (did you mean "
+     "'v_prediction'?)"),
+    ({"training": {"zero_terminal_snr": "on"}}, "training.zero_terminal_snr: 'on' is not valid; use true or false"),
+    ({"model": {"prediction": "epsilon"}, "training": {"zero_terminal_snr": True}},
+     "training.zero_terminal_snr: True is not valid; the model predicts epsilon"),
 ])
 def test_bad_values_name_the_key_and_the_fix(folder, sections, message):
     with pytest.raises(ConfigError) as error:

@@ -56,7 +56,7 @@ def test_presets_round_trip_and_bad_names_are_refused(tmp_path):
     values = config_to_values(fields, TrainConfig())
     values[[f.key for f in fields].index("model.lora_rank")] = 16
     assert actions.save_preset(tmp_path, "my-style", values_to_dict(fields, values)) == "my-style"
-    assert actions.list_presets(tmp_path) == ["default", "my-style"]
+    assert actions.list_presets(tmp_path) == ["default", "sdxl", "my-style"]
     assert actions.load_preset(tmp_path, "my-style").model.lora_rank == 16
     assert actions.load_preset(tmp_path, "default") == actions.load_preset(tmp_path, "")
     with pytest.raises(ConfigError, match="preset name"):

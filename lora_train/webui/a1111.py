@@ -59,6 +59,12 @@ class A1111Host:
         except ModelLoadError as error:
             raise HostError(str(error)) from None
 
+    def model_family(self) -> Optional[str]:
+        try:
+            return self._adapted().family
+        except HostError:
+            return None
+
     def lora_dir(self) -> Path:
         return Path(self.shared().cmd_opts.lora_dir)
 

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..captions_io import read_sidecar, write_text_atomic
-from ..config import ConfigError, DataConfig, TrainConfig, config_from_dict, load_config, save_config
+from ..config import (DEFAULT_CONFIG_PATH, ConfigError, DataConfig, TrainConfig, config_from_dict, load_config,
+                      save_config)
 from ..dataset import load_dataset
 from ..jobs import JobRunner
 from ..trainer import step_plan
 
 Rows = List[List[str]]
 SIDECAR = ".txt"
+BUILTIN_PRESETS = {"default": DEFAULT_CONFIG_PATH, "sdxl": DEFAULT_CONFIG_PATH.parent / "sdxl.yaml"}  # name: file
+FAMILY_PRESETS = {"sdxl": "sdxl"}  # model family -> the built-in preset its tab starts from; others: "default"
 
 
 def scan_folder(folder: str) -> Tuple[str, Rows, List[Tuple[str, str]]]:
@@ -88,19 +91,26 @@ def _tags(caption: str) -> List[str]:
 
 
 def list_presets(folder: Path) -> List[str]:
-    return ["default", *sorted(path.stem for path in Path(folder).glob("*.yaml"))]
+    """The built-in presets first, then the user's saved ones."""
+    saved = sorted(path.stem for path in Path(folder).glob("*.yaml") if path.stem not in BUILTIN_PRESETS)
+    return [*BUILTIN_PRESETS, *saved]
 
 
 def load_preset(folder: Path, name: str) -> TrainConfig:
-    from ..config import DEFAULT_CONFIG_PATH
+    path = BUILTIN_PRESETS.get(name or "default") or Path(folder) / f"{name}.yaml"
+    return load_config(path)
 
-    return load_config(DEFAULT_CONFIG_PATH if name in ("", "default") else Path(folder) / f"{name}.yaml")
+
+def preset_for(family: Optional[str]) -> str:
+    """The built-in preset to start from for a model family (a key of models.families.FAMILIES, or None)."""
+    return FAMILY_PRESETS.get(family, "default")
 
 
 def save_preset(folder: Path, name: str, values: Dict[str, Dict[str, Any]]) -> str:
     name = name.strip()
-    if not name or name == "default" or any(c in name for c in '/\\:*?"<>|.'):
-        raise ConfigError(f"preset name {name!r}: use a plain name (letters, digits, - and _), not 'default'")
+    if not name or name in BUILTIN_PRESETS or any(c in name for c in '/\\:*?"<>|.'):
+        raise ConfigError(f"preset name {name!r}: use a plain name (letters, digits, - and _), not "
+                          f"{' or '.join(map(repr, BUILTIN_PRESETS))}")
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_config(config_from_dict(values), Path(folder) / f"{name}.yaml")
     return name

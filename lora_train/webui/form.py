@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from ..config import (DEFAULT_CONFIG_PATH, LR_SCHEDULERS, MATMUL_PRECISION, MIXED_PRECISION, OPTIMIZERS,
-                      SAVE_PRECISION, SECTIONS, TrainConfig)
+                      PREDICTIONS, SAVE_PRECISION, SECTIONS, TrainConfig)
 
 MANAGED = {"data.train_data_dir", "model.base_model", "output.output_dir", "output.logging_dir",
            "output.checkpoint_dir"}
 CHOICES = {"training.lr_scheduler": LR_SCHEDULERS, "training.optimizer": OPTIMIZERS,
            "training.mixed_precision": MIXED_PRECISION, "training.matmul_precision": MATMUL_PRECISION,
-           "output.save_precision": SAVE_PRECISION}
+           "output.save_precision": SAVE_PRECISION, "model.prediction": PREDICTIONS}
 _COMMENTED_KEY = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
 
 

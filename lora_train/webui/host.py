@@ -42,6 +42,10 @@ class Host(Protocol):
 
     def checkpoint_name(self) -> str: ...
 
+    def model_family(self) -> Optional[str]:
+        """The loaded checkpoint's family (a key of models.families.FAMILIES); None when none is loaded or it is
+        not one this extension trains. Looks at the model in place: nothing is copied or changed."""
+
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
                  negative_prompt: str = "", cfg_scale: float = 7.0):
         """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`."""

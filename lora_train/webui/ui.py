@@ -154,6 +154,7 @@ def build(runner: JobRunner, host: Host) -> gr.Blocks:
                 _test_tab(ui)
         _wire_dataset(ui)
         _wire_settings(ui, host, runner)
+        tab.load(lambda: _preset_for_model(ui, host), None, [ui.preset, *ui.components])
         _wire_jobs(ui, runner, host)
         _wire_test(ui, host)
     return tab
@@ -185,6 +186,15 @@ def _config_values(ui: SimpleNamespace, folder: str, values: List[Any]) -> Dict[
     config = values_to_dict(ui.fields, values)
     config["data"]["train_data_dir"] = folder
     return config
+
+
+def _preset_for_model(ui: SimpleNamespace, host: Host) -> List[Any]:
+    """On page load: the built-in preset of the loaded checkpoint's family (SDXL's for SDXL) filled into the
+    form; for a family without its own preset the form is left as it is (the WebUI may have set its defaults)."""
+    name = actions.preset_for(host.model_family())
+    if name == "default":
+        return [gr.update()] * (1 + len(ui.components))
+    return [name, *config_to_values(ui.fields, actions.load_preset(host.presets_dir(), name))]
 
 
 def _wire_settings(ui: SimpleNamespace, host: Host, runner: JobRunner) -> None:
