@@ -12,6 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+import lora_train
 from lora_train.bench_caption import build_tiny_blip
 from lora_train.cli_demo import make_sample_dataset
 from lora_train.jobs import JobResult, JobRunner
@@ -223,6 +224,8 @@ def test_the_extension_registers_its_tab_settings_and_routes(tiny_ldm, tmp_path)
 
         [(tab, title, elem_id)] = script_callbacks.ui_tabs_callback()
         assert (type(tab).__name__, title, elem_id) == ("Blocks", "LoRA Train", "lora_train")
+        version = [block for block in tab.blocks.values() if getattr(block, "elem_id", None) == "lora_train_version"]
+        assert [block.value for block in version] == [f"sd-webui-lora-train {lora_train.__version__}"]
         assert [b.tabname for b in infotext_utils.registered_param_bindings] == ["txt2img"]
 
         release = threading.Event()

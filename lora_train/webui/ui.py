@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List
 
 import gradio as gr
 
+from .. import __version__
 from ..captioning import DEFAULT_MODEL, MODES
 from ..config import config_from_dict
 from ..jobs import JobBusyError, JobRunner
@@ -152,6 +153,7 @@ def build(runner: JobRunner, host: Host) -> gr.Blocks:
                 _train_tab(ui)
             with gr.Tab("Test"):
                 _test_tab(ui)
+        gr.Markdown(f"sd-webui-lora-train {__version__}", elem_id="lora_train_version")
         _wire_dataset(ui)
         _wire_settings(ui, host, runner)
         tab.load(lambda: _preset_for_model(ui, host), None, [ui.preset, *ui.components])
