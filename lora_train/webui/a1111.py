@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
-from .host import HostError, Verification
+from .host import CheckpointFacts, HostError, Verification
 
 JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
 
@@ -78,6 +78,13 @@ class A1111Host:
     def checkpoint_name(self) -> str:
         info = getattr(self.sd_model(), "sd_checkpoint_info", None)
         return getattr(info, "name_for_extra", None) or getattr(info, "title", "") or "loaded checkpoint"
+
+    def checkpoint_facts(self) -> CheckpointFacts:
+        """From the model's is_sdxl/is_sd2 flags and its CheckpointInfo's metadata (read from the safetensors)."""
+        model = self.sd_model()
+        family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
+        metadata = getattr(getattr(model, "sd_checkpoint_info", None), "metadata", None) or {}
+        return CheckpointFacts(self.checkpoint_name(), family, {str(k): str(v) for k, v in metadata.items()})
 
     @contextlib.contextmanager
     def exclusive(self, job: str, task_id: Optional[str] = None) -> Iterator[None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager, List, Optional, Protocol
+from typing import ContextManager, Dict, List, Optional, Protocol
 
 from ..models import DiffusionModel
 
@@ -30,6 +30,15 @@ class Verification:
         return not self.unmatched and self.matched > 0
 
 
+@dataclass
+class CheckpointFacts:
+    """What the tab tells about the loaded checkpoint to suggest a caption model."""
+
+    name: str
+    family: str  # "sd1", "sd2" or "sdxl" (SDXL-based: Pony, Illustrious, NoobAI too)
+    metadata: Dict[str, str] = field(default_factory=dict)  # the file's safetensors metadata, {} when none
+
+
 class Host(Protocol):
     def exclusive(self, job: str, task_id: Optional[str] = None) -> ContextManager:
         """The WebUI's GPU to ourselves for the block (its queue lock), with its progress state bracketed."""
@@ -41,6 +50,9 @@ class Host(Protocol):
         """The loaded checkpoint as a DiffusionModel, as the checkpoint file has it (no LoRA merged in)."""
 
     def checkpoint_name(self) -> str: ...
+
+    def checkpoint_facts(self) -> CheckpointFacts:
+        """The loaded checkpoint's name, family and file metadata; raises HostError when none is loaded."""
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
                  negative_prompt: str = "", cfg_scale: float = 7.0):

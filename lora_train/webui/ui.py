@@ -16,7 +16,8 @@ from typing import Any, Dict, Iterator, List
 
 import gradio as gr
 
-from ..captioning import DEFAULT_MODEL, MODES
+from ..caption_writer import MODES
+from ..captioning import DEFAULT_MODEL
 from ..config import config_from_dict
 from ..jobs import JobBusyError, JobRunner
 from . import actions
