@@ -248,6 +248,26 @@ def test_the_captioning_tab_suggests_blip_for_an_sd1_checkpoint(webui):
     assert model == DEFAULT_MODEL and "SD1 checkpoints are prompted in sentences" in text
 
 
+def test_clicking_a_tag_in_the_tab_shows_its_images(webui, tmp_path):
+    import gradio as gr
+    from gradio import helpers
+
+    from lora_train.webui import actions, ui
+
+    tab = ui.build(JobRunner(), A1111Host())
+    table = next(key for key, block in tab.blocks.items() if getattr(block, "elem_id", None) == "lora_train_tag_table")
+    index = next(i for i, dependency in enumerate(tab.dependencies)
+                 if dependency["trigger"] == "select" and table in dependency["targets"])
+    images = make_sample_dataset(tmp_path / "images")
+    _, rows, _ = actions.scan_folder(str(images))
+    tags = actions.tag_table(rows)
+    red = next(row for row, (tag, _) in enumerate(tags) if tag == "a red circle")
+    event = gr.SelectData(None, {"index": [red, 1], "value": 1, "selected": True})
+    inputs = helpers.special_args(tab.fns[index].fn, [str(images), rows, tags], event_data=event)[0]
+    tag, gallery = tab.fns[index].fn(*inputs)
+    assert tag == "a red circle" and [Path(path).name for path, _ in gallery] == ["00_red_circle.png"]
+
+
 def test_the_extension_registers_its_tab_settings_and_routes(tiny_ldm, tmp_path):
     from lora_train.webui import callbacks
 
