@@ -3,7 +3,9 @@
 The benchmark captions the same generated images once per batch size, after a warm-up batch, and prints
 images/s per batch size with the ratio to batch size 1. `--model tiny` (the default) builds a randomly
 initialised, few-layer BLIP with `build_tiny_blip` in a temp folder, so it works on a fresh machine with no
-hub; its captions are random words, but its timings show what batching buys.
+hub; its captions are random words, but its timings show what batching buys. `--model tiny-tagger` does the same
+for the WD14 tagger path with `lora_train.tiny_tagger` (448x448 input, as the real taggers); a tagger's hub id
+or folder benchmarks that tagger.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any, List, Sequence
 import numpy as np
 from PIL import Image
 
-from lora_train.captioning import (CaptionError, CaptionOptions, Captioner, create_captioner,
-                                   require_torch_transformers)
+from lora_train.caption_writer import CaptionError, ImageCaptioner
+from lora_train.captioning import CaptionOptions, create_captioner, require_torch_transformers
 from lora_train.cli_caption import print_error
+from lora_train.tagger import TaggerOptions, WdTagger
+from lora_train.tiny_tagger import build_tiny_tagger
 
 TINY_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TINY_WORDS = ("a an the of on in with and dog cat photo picture man woman tree house car red blue green small "
@@ -97,7 +101,7 @@ class BenchRow:
     ratio: float  # images/s relative to the reference batch size (1 when benchmarked)
 
 
-def bench_batch_sizes(captioner: Captioner, images: Sequence[Image.Image],
+def bench_batch_sizes(captioner: ImageCaptioner, images: Sequence[Image.Image],
                       batch_sizes: Sequence[int]) -> List[BenchRow]:
     """Times captioning all images at each batch size, each after one untimed warm-up batch."""
     captioner.load()
@@ -133,7 +137,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Registers `caption` on a subparsers object (the caller puts it under `bench`)."""
     parser = subparsers.add_parser("caption", help="images/s of auto-captioning per batch size",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="BLIP/GIT hub id or folder; tiny: a tiny random BLIP")
+    parser.add_argument("--model", default="tiny", help="BLIP/GIT or WD14 tagger hub id or folder; tiny: a tiny "
+                        "random BLIP; tiny-tagger: a tiny WD14-format tagger")
     parser.add_argument("--images", type=int, default=32, help="images captioned per batch size")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -141,27 +146,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(captioner: ImageCaptioner) -> str:
+    """The model's settings that change its speed."""
+    if isinstance(captioner, WdTagger):
+        threads = captioner.options.threads or "onnxruntime default"
+        return f"{captioner.image_size}x{captioner.image_size} input, onnxruntime threads {threads}"
+    torch, _ = require_torch_transformers()
+    return f"{captioner.options.num_beams} beams, torch threads {torch.get_num_threads()}"
+
+
 def _bench(args: argparse.Namespace, model: str) -> None:
     sizes = parse_batch_sizes(args.batch_sizes)
     if args.images < 1:
         raise CaptionError(f"--images {args.images} must be >= 1")
-    captioner = create_captioner(model, CaptionOptions(device=args.device))
+    captioner = create_captioner(model, CaptionOptions(device=args.device), TaggerOptions(device=args.device))
     captioner.load()
-    torch, _ = require_torch_transformers()
     load = " ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"{args.model} ({captioner.family}) on {captioner.device()}, {args.images} images, "
-          f"{captioner.options.num_beams} beams, torch threads {torch.get_num_threads()}, load average {load}")
+          f"{_describe(captioner)}, load average {load}")
     print(format_table(bench_batch_sizes(captioner, make_bench_images(args.images), sizes)))
+
+
+TINY_MODELS = {"tiny": build_tiny_blip, "tiny-tagger": build_tiny_tagger}
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; 0 when done, 2 for bad arguments, 1 when the model cannot be loaded."""
     try:
-        if args.model != "tiny":
+        if args.model not in TINY_MODELS:
             _bench(args, args.model)
             return 0
-        with tempfile.TemporaryDirectory(prefix="tiny-blip-") as folder:
-            _bench(args, str(build_tiny_blip(Path(folder))))
+        with tempfile.TemporaryDirectory(prefix=f"{args.model}-") as folder:
+            _bench(args, str(TINY_MODELS[args.model](Path(folder))))
         return 0
     except CaptionError as error:
         print_error(error)

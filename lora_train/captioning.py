@@ -1,47 +1,34 @@
-"""Auto-captioning: BLIP or GIT writes a caption for every image of a training folder.
+"""Auto-captioning models: BLIP or GIT writes a sentence for an image; `create_captioner` also picks a WD14 tagger.
 
 `create_captioner(model, options)` reads the model's config and returns the captioner for its `model_type`
-("blip" or "git"); a hub id or a local folder (loaded with no network) both work. The weights load once, on
-first use or `load()`, and `unload()` frees them (the next caption call loads them again).
-
-`caption_folder(folder, captioner, options)` captions the images in batches and writes `.txt` sidecars and/or
-a `metadata.csv` (filename,prompt) atomically. By default an image that already has a caption is skipped, so a
-caption the user wrote or edited is never clobbered. Unreadable images are reported in `CaptionReport`, never
-fatal; bad options raise `CaptionError` with the fix. Images are opened with `lora_train.images` and caption
-files read and written with `lora_train.captions_io`, as training reads them; an existing CSV is only rewritten
-when it has exactly the two columns filename,prompt, so that no column is ever dropped.
+("blip" or "git"); a hub id or a local folder (loaded with no network) both work. A WD14 tagger (a
+`SmilingWolf/wd-*-tagger-*` id or a folder with `model.onnx` and `selected_tags.csv`) gets
+`lora_train.tagger.WdTagger` instead. The weights load once, on first use or `load()`, and `unload()` frees them
+(the next caption call loads them again). `lora_train.caption_writer.caption_folder` writes a folder's captions
+with any of them.
 """
 
 from __future__ import annotations
 
 import abc
 import gc
-import os
-import threading
-import time
+import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
-from lora_train.captions_io import (CAPTION_COLUMNS, CSV_HEADER, FILENAME_COLUMNS, CaptionFileError,
-                                    captions_from_table, read_csv_table, read_sidecar, write_caption_csv,
-                                    write_text_atomic)
-from lora_train.images import find_images, probe_image, to_rgb
+from lora_train.caption_writer import CaptionError
+from lora_train.tagger import DEFAULT_TAGGER, TaggerOptions, WdTagger, create_tagger, is_tagger_model
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
-MODES = ("skip", "overwrite", "append")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-SIDECAR_EXTENSION = ".txt"
-
-ProgressCallback = Callable[[int, int], None]
-StopFlag = Union[Callable[[], bool], threading.Event]
-
-
-class CaptionError(ValueError):
-    """A model, folder or option the user must fix; the message says how."""
+# A checkpoint prompted with booru tags names its lineage, or has such tags in its training metadata.
+BOORU_NAMES = ("pony", "illustrious", "noob", "animagine", "anime", "booru")
+BOORU_TAGS = ("1girl", "1boy", "1other", "score_9", "score_8_up")
+NAME_KEYS = ("modelspec.title", "modelspec.description", "modelspec.tags", "ss_output_name")
 
 
 @dataclass
@@ -103,6 +90,8 @@ class Captioner(abc.ABC):
     family = ""
     model_class = ""  # the transformers classes that load the family's weights and processor
     processor_class = ""
+    writes_tags = False
+    empty_reason = "the model generated an empty caption"
 
     def __init__(self, source: str, local: bool, options: CaptionOptions) -> None:
         options.validate()
@@ -113,6 +102,10 @@ class Captioner(abc.ABC):
     @property
     def loaded(self) -> bool:
         return self.model is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
 
     def load(self) -> None:
         """Loads the weights onto the chosen device, once."""
@@ -214,8 +207,12 @@ def _torch_dtype(torch: Any, dtype: str, device: str) -> Any:
     return names[dtype] if dtype != "auto" else (torch.float16 if on_cuda else torch.float32)
 
 
-def create_captioner(model: str = DEFAULT_MODEL, options: Optional[CaptionOptions] = None) -> Captioner:
-    """The captioner for the model's config `model_type`; the weights load on first use (or `load()`)."""
+def create_captioner(model: str = DEFAULT_MODEL, options: Optional[CaptionOptions] = None,
+                     tagger_options: Optional[TaggerOptions] = None) -> Union[Captioner, WdTagger]:
+    """The captioner for the model: a WD14 tagger (see `is_tagger_model`, options from tagger_options), else the
+    BLIP or GIT captioner for its config's `model_type`; the weights load on first use (or `load()`)."""
+    if is_tagger_model(model):
+        return create_tagger(model, tagger_options)
     _, transformers = require_torch_transformers()
     source, local = _model_source(model)
     try:
@@ -225,175 +222,22 @@ def create_captioner(model: str = DEFAULT_MODEL, options: Optional[CaptionOption
                            "local model folder, or a hub id that is downloaded already") from None
     if model_type not in FAMILIES:
         raise CaptionError(f"{model!r} is a {model_type!r} model, not a captioning model; use a BLIP "
-                           f"({DEFAULT_MODEL}) or GIT (microsoft/git-base) model")
+                           f"({DEFAULT_MODEL}) or GIT (microsoft/git-base) model, or a WD14 tagger "
+                           "(SmilingWolf/wd-vit-tagger-v3)")
     return FAMILIES[model_type](source, local, options or CaptionOptions())
 
 
-@dataclass
-class FolderOptions:
-    recursive: bool = False  # also caption images in subfolders (hidden folders are never entered)
-    write_txt: bool = True  # write <image stem>.txt sidecars
-    csv_path: Optional[Path] = None  # also/instead write this metadata.csv (filenames relative to its folder)
-    prefix: str = ""  # put before each generated caption as is, e.g. "sks style, "
-    suffix: str = ""  # put after each generated caption as is
-    mode: str = "skip"  # skip: keep existing captions; overwrite: replace them; append: existing + ", " + new
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise CaptionError(f"mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
-        if not self.write_txt and self.csv_path is None:
-            raise CaptionError("nothing to write: enable .txt sidecars or give a metadata.csv path")
-        if self.csv_path is not None and not Path(self.csv_path).parent.is_dir():
-            raise CaptionError(f"the folder of {str(self.csv_path)!r} does not exist; create it or fix the path")
-
-
-@dataclass
-class CaptionReport:
-    captioned: int = 0
-    skipped: int = 0  # images that already had a caption (mode skip)
-    failed: List[Tuple[Path, str]] = field(default_factory=list)  # (image, why it got no caption)
-    seconds: float = 0.0  # captioning time, model loading excluded
-    images_per_s: float = 0.0
-    stopped: bool = False  # the stop flag ended the run early
-
-    def summary(self) -> str:
-        lines = [f"captioned {self.captioned}, skipped {self.skipped} (already captioned), failed "
-                 f"{len(self.failed)} in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"
-                 + ("; stopped early" if self.stopped else "")]
-        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed]
-        return "\n".join(lines)
-
-
-def read_caption_csv(path: Path) -> Dict[str, str]:
-    """{filename relative to the CSV's folder, / form: caption} in file order; {} when there is no file yet.
-
-    Raises:
-        CaptionError: the file is not UTF-8 CSV, or its header is not exactly two columns, filename then caption
-            (it is rewritten as filename,prompt, so any other column would be lost).
-    """
-    if not path.is_file():
-        return {}
-    try:
-        header, rows = read_csv_table(path)
-    except CaptionFileError as error:
-        raise CaptionError(str(error)) from None
-    if not header and not rows:
-        return {}
-    if len(header) != 2 or header[0] not in FILENAME_COLUMNS or header[1] not in CAPTION_COLUMNS:
-        raise CaptionError(f"{path} has the header {','.join(header)!r}; captions are written to a two-column "
-                           f"{','.join(CSV_HEADER)} CSV: fix the header or write another CSV")
-    return captions_from_table(path, header, rows)
-
-
-def _csv_key(image: Path, csv_path: Path) -> str:
-    """The image's filename as the CSV holds it: relative to the CSV's folder, with / separators."""
-    return Path(os.path.relpath(image, csv_path.parent)).as_posix()
-
-
-@dataclass
-class _Run:
-    """One caption_folder call: what it writes and what it found so far."""
-
-    captioner: Captioner
-    options: FolderOptions
-    csv_rows: Optional[Dict[str, str]]  # the CSV's captions when writing one, read before the run
-    report: CaptionReport = field(default_factory=CaptionReport)
-
-    def existing(self, image: Path) -> str:
-        """The image's caption: its sidecar, else its CSV row (when writing the CSV); "" when it has none.
-
-        Raises:
-            CaptionFileError: the sidecar cannot be read.
-        """
-        caption = read_sidecar(image.with_suffix(SIDECAR_EXTENSION))
-        if not caption and self.csv_rows is not None:
-            caption = self.csv_rows.get(_csv_key(image, Path(self.options.csv_path)), "")
-        return caption
-
-    def write(self, image: Path, caption: str) -> None:
-        if self.options.write_txt:
-            write_text_atomic(image.with_suffix(SIDECAR_EXTENSION), caption)
-        if self.csv_rows is not None:
-            self.csv_rows[_csv_key(image, Path(self.options.csv_path))] = caption
-        self.report.captioned += 1
-
-
-def _plan(run: _Run, images: List[Path]) -> List[Tuple[Path, str]]:
-    """(image, caption to append to) for the images to caption now; the others are skipped or failed."""
-    claimed: Dict[Path, Path] = {}
-    jobs = []
-    for image in images:
-        sidecar = image.with_suffix(SIDECAR_EXTENSION)
-        if run.options.write_txt and sidecar in claimed:
-            run.report.failed.append((image, f"shares {sidecar.name} with {claimed[sidecar].name}; rename one"))
-            continue
-        claimed[sidecar] = image
-        try:
-            existing = run.existing(image)
-        except CaptionFileError as error:
-            run.report.failed.append((image, f"{sidecar.name}: {error}"))
-            continue
-        if existing and run.options.mode == "skip":
-            run.report.skipped += 1
-        else:
-            jobs.append((image, existing if run.options.mode == "append" else ""))
-    return jobs
-
-
-def _stop_requested(stop: Optional[StopFlag]) -> bool:
-    if stop is None:
-        return False
-    return stop.is_set() if isinstance(stop, threading.Event) else bool(stop())
-
-
-def _caption_batch(run: _Run, jobs: List[Tuple[Path, str]]) -> None:
-    opened = []
-    for path, existing in jobs:
-        image, reason = probe_image(path)
-        if image is None:
-            run.report.failed.append((path, reason))
-        else:
-            opened.append((path, existing, to_rgb(image)))
-    generated = run.captioner.caption([image for _, _, image in opened]) if opened else []
-    for (path, existing, _), text in zip(opened, generated):
-        if not text:
-            run.report.failed.append((path, "the model generated an empty caption"))
-            continue
-        caption = run.options.prefix + text + run.options.suffix
-        run.write(path, f"{existing}, {caption}" if existing else caption)
-
-
-def caption_folder(folder: Union[str, Path], captioner: Captioner, options: Optional[FolderOptions] = None,
-                   progress: Optional[ProgressCallback] = None, stop: Optional[StopFlag] = None) -> CaptionReport:
-    """Captions the folder's images in batches of captioner.options.batch_size and writes the captions.
-
-    `progress(done, total)` is called before the first batch and after each one (total: images to caption);
-    `stop` (a callable or threading.Event) is checked before each batch. Captions done so far are always kept.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CaptionError(f"{str(folder)!r} is not a folder; give the folder that holds the images")
-    options = options or FolderOptions()
-    options.validate()
-    csv_path = Path(options.csv_path) if options.csv_path is not None else None
-    run = _Run(captioner, options, read_caption_csv(csv_path) if csv_path else None)
-    jobs = _plan(run, find_images(folder, options.recursive))
-    if jobs:
-        captioner.load()
-    size, started = captioner.options.batch_size, time.perf_counter()
-    if progress:
-        progress(0, len(jobs))
-    try:
-        for start in range(0, len(jobs), size):
-            if _stop_requested(stop):
-                run.report.stopped = True
-                break
-            _caption_batch(run, jobs[start:start + size])
-            if progress:
-                progress(min(start + size, len(jobs)), len(jobs))
-    finally:
-        if csv_path and run.csv_rows and run.report.captioned:
-            write_caption_csv(csv_path, run.csv_rows)
-    run.report.seconds = time.perf_counter() - started
-    run.report.images_per_s = run.report.captioned / run.report.seconds if run.report.seconds > 0 else 0.0
-    return run.report
+def suggest_caption_model(family: str, name: str, metadata: Dict[str, str]) -> Tuple[str, str]:
+    """(model, why) to suggest for a checkpoint: the WD14 tagger for an SDXL-family checkpoint whose name or
+    metadata says it is prompted with booru tags (Pony, Illustrious, NoobAI, ...), BLIP otherwise."""
+    if family != "sdxl":
+        return DEFAULT_MODEL, f"{family.upper()} checkpoints are prompted in sentences"
+    names = " ".join([name, *(metadata.get(key, "") for key in NAME_KEYS)]).lower()
+    lineage = next((word for word in BOORU_NAMES if word in names), None)
+    if lineage:
+        return DEFAULT_TAGGER, f"an SDXL checkpoint of the {lineage} kind, prompted with booru tags"
+    words = set(re.findall(r"[a-z0-9_]+", " ".join(metadata.values()).lower()))
+    found = [tag for tag in BOORU_TAGS if tag in words]
+    if found:
+        return DEFAULT_TAGGER, f"an SDXL checkpoint whose metadata has booru tags ({', '.join(found)})"
+    return DEFAULT_MODEL, "an SDXL checkpoint with no sign of booru-tag prompting"

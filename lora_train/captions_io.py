@@ -4,7 +4,8 @@ lora_train.dataset reads captions through this module and lora_train.captioning 
 format. A caption CSV is UTF-8 (a BOM is accepted) with a header row naming a filename column (filename,
 file_name or image) and a caption column (prompt, text or caption); filenames are relative to the CSV's folder
 and read back with / separators. `write_caption_csv` writes the two columns filename,prompt. A sidecar is a UTF-8
-text file beside its image holding that image's caption.
+text file beside its image holding that image's caption. A caption is also a list of comma-separated tags
+(`split_tags`); `count_tags` counts them as kohya's `ss_tag_frequency` does.
 
 A file that cannot be used raises `CaptionFileError` with what to fix; callers turn it into their own error or
 report. Writes go through a temp file and os.replace, so a reader never sees half a file.
@@ -17,7 +18,7 @@ import io
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 FILENAME_COLUMNS = ("filename", "file_name", "image")
 CAPTION_COLUMNS = ("prompt", "text", "caption")
@@ -108,3 +109,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temp)
         raise
+
+
+def split_tags(caption: str) -> List[str]:
+    """The caption's comma-separated tags, stripped, empty ones left out."""
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def count_tags(captions: Iterable[str]) -> Dict[str, int]:
+    """{lower-cased tag: how often it occurs} over the captions, in first-seen order (ss_tag_frequency's counts)."""
+    counts: Dict[str, int] = {}
+    for caption in captions:
+        for tag in split_tags(caption):
+            counts[tag.lower()] = counts.get(tag.lower(), 0) + 1
+    return counts

@@ -63,7 +63,8 @@ def write_demo_config(out: Path, checkpoint: Path, dataset: Path) -> Path:
 
 
 def _caption(dataset: Path, model: Path) -> None:
-    from .captioning import FolderOptions, caption_folder, create_captioner
+    from .caption_writer import FolderOptions, caption_folder
+    from .captioning import create_captioner
 
     report = caption_folder(dataset, create_captioner(str(model)), FolderOptions(prefix=f"{TRIGGER}, "))
     print(report.summary())

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lora_train.captions_io import CaptionFileError, read_metadata_csv, read_sidecar
+from lora_train.captions_io import CaptionFileError, count_tags, read_metadata_csv, read_sidecar, split_tags
 from lora_train.config import DataConfig
 from lora_train.images import IMAGE_EXTENSIONS, open_rgb, probe_image, walk_files
 from lora_train.models import SizeInfo
@@ -163,28 +163,22 @@ class Dataset:
             return ""
         if not self.config.shuffle_captions:
             return caption
-        tags = _split_tags(caption)
+        tags = split_tags(caption)
         kept, rest = tags[:self.config.keep_tokens], tags[self.config.keep_tokens:]
         rng.shuffle(rest)
         return ", ".join(kept + rest)
 
     def tag_frequency(self) -> Dict[str, Dict[str, int]]:
         """{folder or "root": {lower-cased tag: images with it}}, like kohya's ss_tag_frequency."""
-        frequency: Dict[str, Dict[str, int]] = {}
+        captions: Dict[str, List[str]] = {}
         for sample in self.samples:
-            counts = frequency.setdefault(sample.folder or "root", {})
-            for tag in _split_tags(sample.caption):
-                counts[tag.lower()] = counts.get(tag.lower(), 0) + 1
-        return frequency
+            captions.setdefault(sample.folder or "root", []).append(sample.caption)
+        return {folder: count_tags(texts) for folder, texts in captions.items()}
 
 
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
-def _split_tags(caption: str) -> List[str]:
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
 def _cover_geometry(size: Tuple[int, int], bucket: Bucket) -> Tuple[Tuple[int, int], Tuple[int, int]]:

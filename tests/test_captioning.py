@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lora_train import bench_caption, cli_caption  # noqa: E402
-from lora_train.captioning import (CaptionError, CaptionOptions, FolderOptions, caption_folder,  # noqa: E402
-                                   create_captioner, read_caption_csv)
+from lora_train.caption_writer import CaptionError, FolderOptions, caption_folder, read_caption_csv  # noqa: E402
+from lora_train.captioning import CaptionOptions, create_captioner  # noqa: E402
 from lora_train.captions_io import read_metadata_csv, write_text_atomic  # noqa: E402
 from lora_train.images import open_rgb  # noqa: E402
 from tiny_captioners import build_tiny_blip, build_tiny_git, write_images  # noqa: E402

@@ -1,9 +1,11 @@
-"""The tab's handlers without gradio: the caption grid, presets, the settings form and the test prompt."""
+"""The tab's handlers without gradio: the caption grid and tag view, presets, the settings form, the test prompt,
+the caption model suggestion."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,79 @@ def test_advice_becomes_form_values_for_the_advised_fields_only():
     values = advised_values(fields, {"training.batch_size": 2, "training.gradient_checkpointing": True,
                                      "data.resolution": 384, "model.base_model": "not a field"})
     assert values == {"training.batch_size": 2, "training.gradient_checkpointing": True, "data.resolution": 384}
+
+
+TAGGED = {"a.png": "1girl, Solo, red hair", "b.png": "1girl, smile", "10_set/c.png": "1girl, solo, smile, smile"}
+
+
+@pytest.fixture
+def tagged_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "tagged"
+    for name, caption in TAGGED.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), "red").save(path)
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
+def test_tag_view_counts_what_ss_tag_frequency_records(tagged_folder):
+    from collections import Counter
+
+    from lora_train.config import DataConfig
+    from lora_train.dataset import load_dataset
+
+    _, rows, _ = actions.scan_folder(str(tagged_folder))
+    table = actions.tag_table(rows)
+    recorded = Counter()
+    for counts in load_dataset(DataConfig(train_data_dir=str(tagged_folder))).tag_frequency().values():
+        recorded.update(counts)
+    assert table == [["1girl", 3], ["smile", 3], ["solo", 2], ["red hair", 1]]
+    assert dict(map(tuple, table)) == dict(recorded)
+    assert actions.tag_in_row(table, 2) == "solo" and actions.tag_in_row(table, 9) == ""
+
+
+def test_clicking_a_tag_lists_its_images(tagged_folder):
+    _, rows, _ = actions.scan_folder(str(tagged_folder))
+    images = actions.images_with_tag(str(tagged_folder), rows, "SOLO")
+    assert [Path(path).relative_to(tagged_folder).as_posix() for path, _ in images] == ["10_set/c.png", "a.png"]
+    assert actions.images_with_tag(str(tagged_folder), rows, "so") == [], "whole tags only"
+
+
+def test_rename_and_remove_a_tag_in_every_caption_then_save(tagged_folder):
+    _, rows, _ = actions.scan_folder(str(tagged_folder))
+    renamed = dict(actions.rename_tag(rows, "solo", "smile"))
+    assert renamed == {"10_set/c.png": "1girl, smile", "a.png": "1girl, smile, red hair", "b.png": "1girl, smile"}
+    removed = dict(actions.remove_tag(rows, " Smile "))
+    assert removed == {"10_set/c.png": "1girl, solo", "a.png": "1girl, Solo, red hair", "b.png": "1girl"}
+    assert actions.rename_tag(rows, "", "x") == rows
+    actions.save_captions(str(tagged_folder), actions.remove_tag(rows, "1girl"))
+    assert (tagged_folder / "b.txt").read_text(encoding="utf-8") == "smile"
+    assert (tagged_folder / "a.txt").read_text(encoding="utf-8") == "Solo, red hair"
+
+
+class FactsHost:
+    def __init__(self, facts=None):
+        self.facts = facts
+
+    def checkpoint_facts(self):
+        from lora_train.webui.host import HostError
+
+        if self.facts is None:
+            raise HostError("no checkpoint is loaded")
+        return self.facts
+
+
+def test_the_tab_suggests_the_tagger_for_a_booru_sdxl_checkpoint_and_blip_otherwise():
+    from lora_train.captioning import DEFAULT_MODEL
+    from lora_train.tagger import DEFAULT_TAGGER
+    from lora_train.webui.host import CheckpointFacts
+
+    text, model = actions.caption_suggestion(FactsHost(CheckpointFacts("noobaiXL_vPred10", "sdxl")))
+    assert model == DEFAULT_TAGGER and "noobaiXL_vPred10" in text and DEFAULT_TAGGER in text
+    text, model = actions.caption_suggestion(FactsHost(CheckpointFacts("sd_xl_base_1.0", "sdxl", {"a": "b"})))
+    assert model == DEFAULT_MODEL and "no sign of booru" in text
+    assert actions.caption_suggestion(FactsHost()) == ("Load a checkpoint to get a caption model suggestion.",
+                                                       DEFAULT_MODEL)

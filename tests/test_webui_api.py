@@ -1,5 +1,5 @@
 """The HTTP API (/lora-train/v1) on a bare FastAPI app with the stand-in WebUI: basic auth as --api-auth sets
-it, train and caption jobs to the end, 409 while a job runs, 422 naming the field, 404, and what
+it, train, caption and tagger jobs to the end, 409 while a job runs, 422 naming the field, 404, and what
 scripts/lora_train_tab.py registers with the WebUI."""
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from fastapi.testclient import TestClient
 
 import lora_train
 from lora_train.bench_caption import build_tiny_blip
+from lora_train.captioning import DEFAULT_MODEL
 from lora_train.cli_demo import make_sample_dataset
 from lora_train.jobs import JobResult, JobRunner
+from lora_train.tiny_tagger import build_tiny_tagger
 from lora_train.webui import api
 from lora_train.webui.a1111 import A1111Host
 from webui_standin import REPO, ProbeHost, installed, queue_lock_held, train_values, wait_for_pause
@@ -196,6 +198,75 @@ def test_caption_job_captions_a_folder_under_the_queue_lock(webui, tiny_blip, tm
     assert len(captions) == 8 and all(p.read_text(encoding="utf-8").startswith("sks style, ") for p in captions)
     assert host.reports and all(r.lock_held and r.job == "lora_train_caption" for r in host.reports)
     assert host.reports[-1].step == 8 and not queue_lock_held() and webui.state.job == ""
+
+
+def test_caption_job_tags_a_folder_with_a_wd14_tagger(webui, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the tagger needs onnxruntime (requirements/test.txt)")
+    images = make_sample_dataset(tmp_path / "images", captions=False)
+    (images / "00_red_circle.txt").write_text("hand written, 1girl", encoding="utf-8")
+    (images / "broken.png").write_bytes(b"not a png")
+    runner, host = JobRunner(), ProbeHost()
+    client = client_for(runner, host)
+    body = {"input": str(images), "model": str(build_tiny_tagger(tmp_path / "tagger")), "prefix": "sks, ",
+            "batch_size": 3, "general_threshold": 0.5, "exclude_tags": ["solo"], "rating_tags": True}
+    started = client.post(f"{PREFIX}/caption", json=body)
+    assert started.status_code == 200, started.text
+    wait_done(runner, started.json()["job_id"])
+
+    status = client.get(f"{PREFIX}/jobs/{started.json()['job_id']}").json()
+    assert status["state"] == "done", status
+    assert (status["report"]["captioned"], status["report"]["skipped"]) == (7, 1)
+    assert [Path(path).name for path, _ in status["report"]["failed"]] == ["broken.png"]
+    tags = {path.stem: path.read_text(encoding="utf-8") for path in images.glob("*.txt")}
+    assert tags.pop("00_red_circle") == "hand written, 1girl", "skip keeps what the user wrote"
+    assert len(tags) == 7 and all(text.startswith("sks, general, ") and "solo" not in text for text in tags.values())
+    assert all(r.lock_held and r.job == "lora_train_caption" for r in host.reports)
+
+
+def test_a_tagger_without_onnxruntime_gets_422_with_the_pip_command_and_is_noted_for_install(
+        webui, tmp_path, monkeypatch):
+    from lora_train import extras
+    from lora_train.webui import tasks
+
+    monkeypatch.setattr(extras, "EXTENSION_DIR", tmp_path)
+    real_find_spec = tasks.importlib.util.find_spec
+    monkeypatch.setattr(tasks.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    response = client_for(JobRunner(), A1111Host()).post(
+        f"{PREFIX}/caption", json={"input": str(tmp_path), "model": "SmilingWolf/wd-vit-tagger-v3"})
+    assert response.status_code == 422 and "pip install onnxruntime==" in detail(response)
+    assert "restart the WebUI" in detail(response) and extras.read_requests(tmp_path) == ["tagger"]
+
+
+def test_the_captioning_tab_suggests_blip_for_an_sd1_checkpoint(webui):
+    from lora_train.webui import ui
+
+    tab = ui.build(JobRunner(), A1111Host())
+    section = next(key for key, block in tab.blocks.items() if getattr(block, "label", None) == "Captioning")
+    index = next(i for i, dependency in enumerate(tab.dependencies)
+                 if dependency["trigger"] == "select" and section in dependency["targets"])
+    text, model = tab.fns[index].fn()
+    assert model == DEFAULT_MODEL and "SD1 checkpoints are prompted in sentences" in text
+
+
+def test_clicking_a_tag_in_the_tab_shows_its_images(webui, tmp_path):
+    import gradio as gr
+    from gradio import helpers
+
+    from lora_train.webui import actions, ui
+
+    tab = ui.build(JobRunner(), A1111Host())
+    table = next(key for key, block in tab.blocks.items() if getattr(block, "elem_id", None) == "lora_train_tag_table")
+    index = next(i for i, dependency in enumerate(tab.dependencies)
+                 if dependency["trigger"] == "select" and table in dependency["targets"])
+    images = make_sample_dataset(tmp_path / "images")
+    _, rows, _ = actions.scan_folder(str(images))
+    tags = actions.tag_table(rows)
+    red = next(row for row, (tag, _) in enumerate(tags) if tag == "a red circle")
+    event = gr.SelectData(None, {"index": [red, 1], "value": 1, "selected": True})
+    inputs = helpers.special_args(tab.fns[index].fn, [str(images), rows, tags], event_data=event)[0]
+    tag, gallery = tab.fns[index].fn(*inputs)
+    assert tag == "a red circle" and [Path(path).name for path, _ in gallery] == ["00_red_circle.png"]
 
 
 def test_the_extension_registers_its_tab_settings_and_routes(tiny_ldm, tmp_path):

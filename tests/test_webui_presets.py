@@ -13,6 +13,7 @@ from lora_train.jobs import JobRunner
 from lora_train.webui import actions
 from lora_train.webui.a1111 import A1111Host
 from lora_train.webui.form import form_fields
+from lora_train.webui.host import CheckpointFacts
 from webui_standin import installed
 
 SDXL_PRESET = actions.BUILTIN_PRESETS["sdxl"]
@@ -68,16 +69,20 @@ def test_each_family_starts_from_its_preset(family, preset):
 
 def test_the_host_tells_the_loaded_models_family(tiny_ldm, tmp_path):
     with installed(tiny_ldm, tmp_path / "webui"):
-        assert A1111Host().model_family() == "sd1"
+        assert A1111Host().checkpoint_facts().family == "sd1"
+        webui_model = A1111Host().sd_model()
+        webui_model.model.diffusion_model.in_channels = 9  # an inpainting UNet: not one we train
+        assert A1111Host().checkpoint_facts().family is None
+        webui_model.model.diffusion_model.in_channels = 4
     with installed(None, tmp_path / "empty"):
-        assert A1111Host().model_family() is None
+        assert actions.loaded_family(A1111Host()) is None
 
 
 class SdxlHost(A1111Host):
     """The real host, reporting an SDXL checkpoint (the SDXL stand-in model is not needed to pick a preset)."""
 
-    def model_family(self):
-        return "sdxl"
+    def checkpoint_facts(self):
+        return CheckpointFacts("an sdxl checkpoint", "sdxl", {})
 
 
 def page_load_outputs(tab):

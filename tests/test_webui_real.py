@@ -1,6 +1,7 @@
 """Against a real, running AUTOMATIC1111 WebUI with this extension installed (see README, "Testing in a real
-WebUI"): caption through the API with a local tiny BLIP, train the loaded checkpoint, and check the LoRA lands
-in models/Lora, is listed, changes txt2img, matches every layer, and leaves the host model as it was.
+WebUI"): caption through the API with a local tiny BLIP, tag with a tiny WD14 tagger, train the loaded
+checkpoint, and check the LoRA lands in models/Lora, is listed, changes txt2img, matches every layer, and leaves
+the host model as it was.
 
 Skipped unless SD_WEBUI_DIR names the WebUI folder; the server must listen on 127.0.0.1:$A1111_PORT (7860).
 """
@@ -102,6 +103,25 @@ def test_caption_then_train_then_use_the_lora(client, dataset, tmp_path):
     assert image_hash(client, "a red circle") == before_image, "no-LoRA txt2img is bit-identical after training"
     assert fingerprint(client) == before_model or not before_model
     assert image_hash(client, f"a red circle <lora:{NAME}:1>") != before_image, "the LoRA changes the image"
+
+
+def test_tag_a_folder_with_a_wd14_tagger_from_the_api(client, tmp_path):
+    from lora_train.cli_demo import make_sample_dataset
+    from lora_train.tiny_tagger import build_tiny_tagger
+
+    images = make_sample_dataset(tmp_path / "to-tag", captions=False)
+    (images / "00_red_circle.txt").write_text("hand written", encoding="utf-8")
+    body = {"input": str(images), "model": str(build_tiny_tagger(tmp_path / "tiny-tagger")), "prefix": "sks, ",
+            "batch_size": 4, "exclude_tags": ["solo"]}
+    started = client.post("/lora-train/v1/caption", json=body)
+    if started.status_code == 422 and "onnxruntime" in started.text:
+        pytest.skip(f"the WebUI's venv has no onnxruntime: {started.json()['detail']}")
+    assert started.status_code == 200, started.text
+    tagged = wait(client, started.json()["job_id"])
+    assert tagged["state"] == "done" and (tagged["report"]["captioned"], tagged["report"]["skipped"]) == (7, 1)
+    tags = {path.stem: path.read_text(encoding="utf-8") for path in images.glob("*.txt")}
+    assert tags.pop("00_red_circle") == "hand written"
+    assert all(text.startswith("sks, 1girl") and "solo" not in text for text in tags.values()), tags
 
 
 def test_bad_requests_get_clear_errors(client):

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Set
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
-from .host import HostError, Verification
+from .host import CheckpointFacts, HostError, Verification
 
 JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
 
@@ -59,12 +59,6 @@ class A1111Host:
         except ModelLoadError as error:
             raise HostError(str(error)) from None
 
-    def model_family(self) -> Optional[str]:
-        try:
-            return self._adapted().family
-        except HostError:
-            return None
-
     def lora_dir(self) -> Path:
         return Path(self.shared().cmd_opts.lora_dir)
 
@@ -84,6 +78,16 @@ class A1111Host:
     def checkpoint_name(self) -> str:
         info = getattr(self.sd_model(), "sd_checkpoint_info", None)
         return getattr(info, "name_for_extra", None) or getattr(info, "title", "") or "loaded checkpoint"
+
+    def checkpoint_facts(self) -> CheckpointFacts:
+        """The family as the adapter table tells it; the metadata is the CheckpointInfo's (read from the file)."""
+        model = self.sd_model()
+        try:
+            family = self._adapted().family
+        except HostError:  # a model this extension does not train
+            family = None
+        metadata = getattr(getattr(model, "sd_checkpoint_info", None), "metadata", None) or {}
+        return CheckpointFacts(self.checkpoint_name(), family, {str(k): str(v) for k, v in metadata.items()})
 
     @contextlib.contextmanager
     def exclusive(self, job: str, task_id: Optional[str] = None) -> Iterator[None]:

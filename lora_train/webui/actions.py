@@ -2,7 +2,9 @@
 
 Caption rows are `[[relative image path, caption], ...]` as the editable grid holds them. Edits stay in the
 grid until "Save captions", which writes only the sidecars whose text changed (atomically) and never a path
-outside the image folder. Long work runs as a job in the shared `JobRunner`; the tab polls its snapshot.
+outside the image folder. The tag view counts the grid's tags as `ss_tag_frequency` records them, lists the
+images of a tag, and renames or removes a tag in every caption at once. Long work runs as a job in the shared
+`JobRunner`; the tab polls its snapshot.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from ..captions_io import read_sidecar, write_text_atomic
+from ..captioning import DEFAULT_MODEL, suggest_caption_model
+from ..captions_io import count_tags, read_sidecar, split_tags, write_text_atomic
 from ..config import (DEFAULT_CONFIG_PATH, ConfigError, DataConfig, TrainConfig, config_from_dict, load_config,
                       save_config)
 from ..dataset import load_dataset
 from ..jobs import JobRunner
 from ..trainer import step_plan
+from .host import Host
 
 Rows = List[List[str]]
 SIDECAR = ".txt"
@@ -77,17 +81,78 @@ def add_trigger(rows: Any, trigger: str) -> Rows:
     trigger = trigger.strip().strip(",").strip()
     if not trigger:
         return _clean(rows)
-    return [[path, caption if _tags(caption)[:1] == [trigger] else ", ".join([trigger, *_tags(caption)])]
+    return [[path, caption if split_tags(caption)[:1] == [trigger] else ", ".join([trigger, *split_tags(caption)])]
             for path, caption in _clean(rows)]
 
 
 def remove_trigger(rows: Any, trigger: str) -> Rows:
     trigger = trigger.strip().strip(",").strip()
-    return [[path, ", ".join(tag for tag in _tags(caption) if tag != trigger)] for path, caption in _clean(rows)]
+    return [[path, ", ".join(tag for tag in split_tags(caption) if tag != trigger)] for path, caption in _clean(rows)]
 
 
-def _tags(caption: str) -> List[str]:
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+def tag_table(rows: Any) -> List[List[Any]]:
+    """[[tag, count], ...] over the grid's captions, most frequent first: the counts ss_tag_frequency records
+    (lower-cased, summed over subfolders)."""
+    counts = count_tags(caption for _, caption in _clean(rows))
+    return [[tag, count] for tag, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+
+def tag_in_row(table: Any, row: int) -> str:
+    """The tag in a row of tag_table's output (a DataFrame or lists), "" past its end."""
+    values = table.values.tolist() if hasattr(table, "values") else table or []
+    return str(values[row][0]) if 0 <= row < len(values) else ""
+
+
+def images_with_tag(folder: str, rows: Any, tag: str) -> List[Tuple[str, str]]:
+    """Gallery items (image path, caption) of the rows whose caption has the tag, in any case."""
+    wanted, root = tag.strip().lower(), Path(folder)
+    return [(str(_inside(root, path)), caption) for path, caption in _clean(rows)
+            if wanted in {name.lower() for name in split_tags(caption)}]
+
+
+def rename_tag(rows: Any, old: str, new: str) -> Rows:
+    """Every caption's tag `old` (in any case) becomes `new`; an empty `new` removes it. A caption that then
+    has a tag twice keeps the first."""
+    old_key, new = old.strip().lower(), new.strip().strip(",").strip()
+    renamed = []
+    for path, caption in _clean(rows):
+        tags = split_tags(caption)
+        if old_key and old_key in {tag.lower() for tag in tags}:
+            caption = ", ".join(_first_of_each(new if tag.lower() == old_key else tag for tag in tags))
+        renamed.append([path, caption])
+    return renamed
+
+
+def _first_of_each(tags: Iterable[str]) -> List[str]:
+    """The non-empty tags, each (compared in lower case) where it first occurs."""
+    seen, kept = set(), []
+    for tag in tags:
+        if tag and tag.lower() not in seen:
+            seen.add(tag.lower())
+            kept.append(tag)
+    return kept
+
+
+def remove_tag(rows: Any, tag: str) -> Rows:
+    return rename_tag(rows, tag, "")
+
+
+def loaded_family(host: Host) -> Optional[str]:
+    """The loaded checkpoint's family; None when none is loaded or it is not one this extension trains."""
+    try:
+        return host.checkpoint_facts().family
+    except ValueError:  # HostError: no checkpoint loaded
+        return None
+
+
+def caption_suggestion(host: Host) -> Tuple[str, str]:
+    """(markdown saying which caption model suits the loaded checkpoint and why, that model)."""
+    try:
+        facts = host.checkpoint_facts()
+    except ValueError:  # HostError: no checkpoint loaded
+        return "Load a checkpoint to get a caption model suggestion.", DEFAULT_MODEL
+    model, why = suggest_caption_model(facts.family, facts.name, facts.metadata)
+    return f"Suggested for **{html.escape(facts.name)}**: `{model}` ({html.escape(why)}).", model
 
 
 def list_presets(folder: Path) -> List[str]:

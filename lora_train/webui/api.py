@@ -15,6 +15,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 
 from ..captioning import DEFAULT_MODEL, CaptionOptions
+from ..tagger import TaggerOptions
 from ..jobs import JobBusyError, JobNotFoundError, JobRunner
 from .host import Host
 from .tasks import CaptionRequest, PreviewOptions, caption_job, train_job
@@ -31,7 +32,7 @@ class _Strict(BaseModel):
 
 class CaptionBody(_Strict):
     input: str = Field(..., description="folder of images")
-    model: str = Field(DEFAULT_MODEL, description="BLIP/GIT hub id or local folder")
+    model: str = Field(DEFAULT_MODEL, description="BLIP/GIT or WD14 tagger hub id, or a local folder")
     batch_size: int = Field(8, ge=1, le=256)
     prefix: str = ""
     suffix: str = ""
@@ -41,6 +42,11 @@ class CaptionBody(_Strict):
     max_length: int = Field(CaptionOptions.max_length, ge=1, le=512)
     min_length: int = Field(CaptionOptions.min_length, ge=0, le=512)
     num_beams: int = Field(CaptionOptions.num_beams, ge=1, le=16)
+    general_threshold: float = Field(TaggerOptions.general_threshold, ge=0, le=1, description="tagger only")
+    character_threshold: float = Field(TaggerOptions.character_threshold, ge=0, le=1, description="tagger only")
+    exclude_tags: List[str] = Field([], description="tagger only: tags never written")
+    underscores_to_spaces: bool = True
+    rating_tags: bool = False
 
 
 class PreviewBody(_Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager, List, Optional, Protocol
+from typing import ContextManager, Dict, List, Optional, Protocol
 
 from ..models import DiffusionModel
 
@@ -30,6 +30,15 @@ class Verification:
         return not self.unmatched and self.matched > 0
 
 
+@dataclass
+class CheckpointFacts:
+    """What the tab tells about the loaded checkpoint: to suggest a caption model and pick a preset."""
+
+    name: str
+    family: Optional[str]  # a key of models.families.FAMILIES; None: not a model this extension trains
+    metadata: Dict[str, str] = field(default_factory=dict)  # the file's safetensors metadata, {} when none
+
+
 class Host(Protocol):
     def exclusive(self, job: str, task_id: Optional[str] = None) -> ContextManager:
         """The WebUI's GPU to ourselves for the block (its queue lock), with its progress state bracketed."""
@@ -42,9 +51,9 @@ class Host(Protocol):
 
     def checkpoint_name(self) -> str: ...
 
-    def model_family(self) -> Optional[str]:
-        """The loaded checkpoint's family (a key of models.families.FAMILIES); None when none is loaded or it is
-        not one this extension trains. Looks at the model in place: nothing is copied or changed."""
+    def checkpoint_facts(self) -> CheckpointFacts:
+        """The loaded checkpoint's name, family and file metadata, looked at in place (nothing is copied or
+        changed); raises HostError when none is loaded."""
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
                  negative_prompt: str = "", cfg_scale: float = 7.0):

@@ -1,4 +1,4 @@
-"""The WebUI's two jobs, shared by the tab and the HTTP API: caption a folder, train the loaded checkpoint.
+"""The WebUI's two jobs, shared by the tab and the HTTP API: caption (or tag) a folder, train the checkpoint.
 
 Each `*_job` function checks its request synchronously (so the caller can answer 422 at once) and returns the
 work function that `JobRunner.start` runs in its thread. Training lands the LoRA in the WebUI's Lora folder,
@@ -8,11 +8,15 @@ checks it with the WebUI's own loader, refreshes the Lora list and drops cached 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from ..captioning import CaptionOptions, FolderOptions, caption_folder, create_captioner
+from ..caption_writer import FolderOptions, caption_folder
+from ..captioning import CaptionOptions, create_captioner
+from ..extras import EXTRAS, pip_command, request_install
+from ..tagger import TaggerOptions, is_tagger_model
 from ..config import ConfigError, TrainConfig, config_from_dict
 from ..export import check_free
 from ..jobs import Job, JobResult
@@ -145,22 +149,49 @@ class CaptionRequest:
     mode: str = "skip"
     output: Optional[str] = None  # a metadata.csv path; None: .txt sidecars
     recursive: bool = False
-    max_length: int = CaptionOptions.max_length
+    max_length: int = CaptionOptions.max_length  # BLIP/GIT only
     min_length: int = CaptionOptions.min_length
     num_beams: int = CaptionOptions.num_beams
+    general_threshold: float = TaggerOptions.general_threshold  # WD14 tagger only
+    character_threshold: float = TaggerOptions.character_threshold
+    exclude_tags: List[str] = dataclasses.field(default_factory=list)
+    underscores_to_spaces: bool = TaggerOptions.underscores_to_spaces
+    rating_tags: bool = TaggerOptions.rating_tags
+
+
+class MissingPackageError(ValueError):
+    """The picked model needs a package the WebUI lacks; the message has the pip command."""
+
+
+def _check_tagger_runtime(model: str) -> None:
+    """For a tagger without onnxruntime: notes it for install.py's next run and says what to do."""
+    module, _ = EXTRAS["tagger"]
+    if not is_tagger_model(model) or importlib.util.find_spec(module) is not None:
+        return
+    request_install("tagger")
+    raise MissingPackageError(f"model: the WD14 tagger needs {module}, which this WebUI lacks; restart the WebUI "
+                              f"and it installs it at start-up, or run `{pip_command('tagger')}` in its venv")
+
+
+def _create_captioner(request: CaptionRequest):
+    _check_tagger_runtime(request.model)
+    return create_captioner(request.model, CaptionOptions(
+        batch_size=request.batch_size, max_length=request.max_length, min_length=request.min_length,
+        num_beams=request.num_beams), TaggerOptions(
+        general_threshold=request.general_threshold, character_threshold=request.character_threshold,
+        exclude_tags=tuple(request.exclude_tags), underscores_to_spaces=request.underscores_to_spaces,
+        rating_tags=request.rating_tags, batch_size=request.batch_size))
 
 
 def caption_job(request: CaptionRequest, host: Host, task_id: Optional[str] = None) -> Work:
-    """Checks the request now (folder, options, model); returns the work that captions."""
+    """Checks the request now (folder, options, model); returns the work that captions or tags."""
     if not Path(request.input).is_dir():
         raise ConfigError(f"input: {request.input!r} is not a folder; give the folder that holds the images")
     folder_options = FolderOptions(recursive=request.recursive, write_txt=request.output is None,
                                    csv_path=Path(request.output) if request.output else None,
                                    prefix=request.prefix, suffix=request.suffix, mode=request.mode)
     folder_options.validate()
-    captioner = create_captioner(request.model, CaptionOptions(
-        batch_size=request.batch_size, max_length=request.max_length, min_length=request.min_length,
-        num_beams=request.num_beams))
+    captioner = _create_captioner(request)
 
     def work(job: Job) -> JobResult:
         def progress(done: int, total: int) -> None:

@@ -1,4 +1,4 @@
-"""The "LoRA Train" tab: dataset and caption grid, auto-captioning, settings and presets, training, test.
+"""The "LoRA Train" tab: dataset, caption grid and tag view, auto-captioning, settings and presets, training, test.
 
 Layout only: every button calls a function of `actions.py` or starts a job from `tasks.py`. Works on gradio
 3.41 (A1111 1.10) and 4.x (Forge): no `.style()`, styling in constructor arguments, `_js`/`js` chosen by
@@ -17,10 +17,12 @@ from typing import Any, Dict, Iterator, List
 import gradio as gr
 
 from .. import __version__
-from ..captioning import DEFAULT_MODEL, MODES
+from ..caption_writer import MODES
+from ..captioning import DEFAULT_MODEL
+from ..tagger import TaggerOptions, parse_tag_list
 from ..config import config_from_dict
 from ..jobs import JobBusyError, JobRunner
-from . import actions
+from . import actions, tag_view
 from ..preflight import changes_text
 from .form import Field, advised_values, config_to_values, form_fields, to_form, values_to_dict
 from .host import Host
@@ -65,20 +67,32 @@ def _dataset_tab(ui: SimpleNamespace) -> None:
         ui.remove_trigger = gr.Button("Remove from all")
         ui.save = gr.Button("Save captions", variant="primary")
     ui.saved = gr.Markdown()
+    tag_view.build(ui)
     ui.gallery = gr.Gallery(label="Images", columns=6, height=360, elem_id="lora_train_gallery")
 
 
 def _caption_tab(ui: SimpleNamespace) -> None:
     with gr.Row():
-        ui.caption_model = gr.Textbox(label="Caption model (hub id or local folder)",
+        ui.caption_model = gr.Textbox(label="Caption model: BLIP/GIT, or a WD14 tagger (hub id or local folder)",
                                       value=_opt("lora_train_caption_model", DEFAULT_MODEL), scale=3)
         ui.caption_batch = gr.Slider(1, 64, value=8, step=1, label="Batch size")
+    with gr.Row():
+        ui.caption_suggestion = gr.Markdown(elem_id="lora_train_caption_suggestion")
+        ui.suggested_model = gr.Textbox(visible=False)
+        ui.use_suggestion = gr.Button("Use the suggested model", scale=0)
     with gr.Row():
         ui.caption_prefix = gr.Textbox(label="Prefix (trigger word)", placeholder="sks style, ", max_lines=1)
         ui.caption_suffix = gr.Textbox(label="Suffix", max_lines=1)
         ui.caption_mode = gr.Radio(list(MODES), value="skip", label="Existing captions",
                                    info="skip keeps captions you wrote or edited")
-        ui.caption_max = gr.Slider(8, 150, value=75, step=1, label="Max length")
+        ui.caption_max = gr.Slider(8, 150, value=75, step=1, label="Max length (BLIP/GIT)")
+    tagger = TaggerOptions()
+    with gr.Accordion("WD14 tagger (booru tags for Pony, Illustrious, NoobAI)", open=False), gr.Row():
+        ui.tag_general = gr.Slider(0, 1, value=tagger.general_threshold, step=0.01, label="General tag threshold")
+        ui.tag_character = gr.Slider(0, 1, value=tagger.character_threshold, step=0.01, label="Character threshold")
+        ui.tag_exclude = gr.Textbox(label="Tags to exclude", placeholder="watermark, signature", max_lines=1)
+        ui.tag_spaces = gr.Checkbox(value=tagger.underscores_to_spaces, label="Underscores to spaces")
+        ui.tag_rating = gr.Checkbox(value=tagger.rating_tags, label="Rating tags")
     with gr.Row():
         ui.caption_run = gr.Button("Caption images", variant="primary")
         ui.caption_stop = gr.Button("Stop")
@@ -145,7 +159,7 @@ def build(runner: JobRunner, host: Host) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Dataset"):
                 _dataset_tab(ui)
-            with gr.Tab("Captioning"):
+            with gr.Tab("Captioning") as ui.caption_section:
                 _caption_tab(ui)
             with gr.Tab("Settings"):
                 _settings_tab(ui, host)
@@ -155,6 +169,7 @@ def build(runner: JobRunner, host: Host) -> gr.Blocks:
                 _test_tab(ui)
         gr.Markdown(f"sd-webui-lora-train {__version__}", elem_id="lora_train_version")
         _wire_dataset(ui)
+        tag_view.wire(ui)
         _wire_settings(ui, host, runner)
         tab.load(lambda: _preset_for_model(ui, host), None, [ui.preset, *ui.components])
         _wire_jobs(ui, runner, host)
@@ -193,7 +208,7 @@ def _config_values(ui: SimpleNamespace, folder: str, values: List[Any]) -> Dict[
 def _preset_for_model(ui: SimpleNamespace, host: Host) -> List[Any]:
     """On page load: the built-in preset of the loaded checkpoint's family (SDXL's for SDXL) filled into the
     form; for a family without its own preset the form is left as it is (the WebUI may have set its defaults)."""
-    name = actions.preset_for(host.model_family())
+    name = actions.preset_for(actions.loaded_family(host))
     if name == "default":
         return [gr.update()] * (1 + len(ui.components))
     return [name, *config_to_values(ui.fields, actions.load_preset(host.presets_dir(), name))]
@@ -242,9 +257,13 @@ def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: Host) -> None:
         return _start(runner, "train", lambda: train_job(_config_values(ui, folder, list(values)), host, preview,
                                                          task_id or None))
 
-    def start_caption(task_id, folder, model, batch, prefix, suffix, mode, max_length):
+    def start_caption(task_id, folder, model, batch, prefix, suffix, mode, max_length, general, character,
+                      exclude, spaces, rating):
         request = CaptionRequest(input=folder, model=model, batch_size=int(batch), prefix=prefix, suffix=suffix,
-                                 mode=mode, max_length=int(max_length), min_length=min(5, int(max_length)))
+                                 mode=mode, max_length=int(max_length), min_length=min(5, int(max_length)),
+                                 general_threshold=float(general), character_threshold=float(character),
+                                 exclude_tags=list(parse_tag_list(exclude)), underscores_to_spaces=bool(spaces),
+                                 rating_tags=bool(rating))
         return _start(runner, "caption", lambda: caption_job(request, host, task_id or None))
 
     def watch_train():  # a generator function, so that gradio streams it
@@ -271,7 +290,11 @@ def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: Host) -> None:
     ui.stop_save.click(lambda: _stop(runner, "save"), None, [ui.status])
     ui.stop_discard.click(lambda: _stop(runner, "discard"), None, [ui.status])
     caption_inputs = [ui.task_id, ui.folder, ui.caption_model, ui.caption_batch, ui.caption_prefix,
-                      ui.caption_suffix, ui.caption_mode, ui.caption_max]
+                      ui.caption_suffix, ui.caption_mode, ui.caption_max, ui.tag_general, ui.tag_character,
+                      ui.tag_exclude, ui.tag_spaces, ui.tag_rating]
+    ui.caption_section.select(lambda: actions.caption_suggestion(host), None,
+                              [ui.caption_suggestion, ui.suggested_model])
+    ui.use_suggestion.click(lambda model: model, [ui.suggested_model], [ui.caption_model])
     ui.caption_run.click(start_caption, caption_inputs, [ui.caption_status], **{JS_ARG: "lora_train_start"}
                          ).success(watch_caption, None, [ui.caption_status]
                                 ).then(actions.scan_folder, [ui.folder], [ui.report, ui.grid, ui.gallery])
