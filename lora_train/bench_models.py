@@ -12,12 +12,20 @@ from pathlib import Path
 
 import torch
 
+from .models.common import scaled_linear_alphas_cumprod
 from .models.diffusers import DiffusersModel
 from .models.text_encoders import sd1_vit_l_config
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+# SDXL base's UNet (2567.5M parameters): 3 levels, attention with 64-channel heads at 2 and 4x down-sampling
+SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
 
 
 def build_bench_model(name: str, device: torch.device, encoders: bool = True) -> DiffusersModel:
@@ -43,10 +51,9 @@ def _sd15(encoders: bool) -> DiffusersModel:
     if encoders:
         text_encoder = CLIPTextModel(sd1_vit_l_config())
         vae = AutoencoderKL(**SD15_VAE)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return DiffusersModel(unet=unet, vae=vae, text_encoder=text_encoder,
                           tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer()),
-                          alphas_cumprod=torch.cumprod(1 - betas, dim=0).float(), prediction="epsilon",
+                          alphas_cumprod=scaled_linear_alphas_cumprod(), prediction="epsilon",
                           family="sd1", name="sd15-random")
 
 
