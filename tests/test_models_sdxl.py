@@ -199,3 +199,41 @@ def test_diffusers_folder_loads_and_trains_one_step(model, sample_images, tmp_pa
     result = train_lora(make_config(sample_images, tmp_path / "tiny-sdxl-diffusers", tmp_path / "out",
                                     max_train_steps=1), loaded)
     assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def generate(model, lora_path=None, network=None):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+                                     tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
+                                     scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                             beta_end=0.012))
+    pipe.set_progress_bar_config(disable=True)
+    if lora_path is not None:
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
+    handle = network.attach() if network is not None else None
+    image = pipe(CAPTIONS[0], height=64, width=64, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    if handle is not None:
+        handle.detach()
+    return torch.from_numpy(image)
+
+
+def test_diffusers_sdxl_pipeline_loads_the_file_and_reproduces_our_image(tiny_sdxl, sample_images, tmp_path):
+    from test_export import export, trained_looking_network
+
+    from lora_train.dataset import load_dataset
+
+    fresh = load_diffusers_model(str(tiny_sdxl))  # the pipeline's loader changes the modules it loads into
+    config = make_config(sample_images, tiny_sdxl, tmp_path / "out")
+    network = trained_looking_network(config, fresh)
+    assert {stem.split("_")[1] for stem in network.adapters} == {"unet", "te1", "te2"}
+    path = export(config, fresh, load_dataset(config.data), network)
+    baseline = generate(fresh)
+    ours = generate(fresh, network=network)
+    assert (ours - baseline).abs().max() > 1e-3, "the adapters must change the image for the test to mean anything"
+    theirs = generate(fresh, lora_path=path)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-4)
+    components = (fresh.unet, fresh.text_encoder, fresh.text_encoder_2)
+    loaded = sum(len(getattr(module, "lora_A", ())) > 0 for component in components for module in component.modules())
+    assert loaded == len(network.adapters), "every tensor of the file found its layer"
