@@ -187,9 +187,9 @@ def test_diffusers_folder_loads_and_trains_one_step(model, sample_images, tmp_pa
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-                                     tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
-                                     scheduler=scheduler)
+    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                     text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                     tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler)
     pipe.save_pretrained(tmp_path / "tiny-sdxl-diffusers")
     loaded = load_diffusers_model(str(tmp_path / "tiny-sdxl-diffusers"))
     assert (loaded.family, loaded.prediction) == ("sdxl", "epsilon")
@@ -204,10 +204,10 @@ def test_diffusers_folder_loads_and_trains_one_step(model, sample_images, tmp_pa
 def generate(model, lora_path=None, network=None):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
-                                     tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet,
-                                     scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                             beta_end=0.012))
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoder,
+                                     text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+                                     tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     if lora_path is not None:
         pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
@@ -235,5 +235,6 @@ def test_diffusers_sdxl_pipeline_loads_the_file_and_reproduces_our_image(tiny_sd
     theirs = generate(fresh, lora_path=path)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-4)
     components = (fresh.unet, fresh.text_encoder, fresh.text_encoder_2)
-    loaded = sum(len(getattr(module, "lora_A", ())) > 0 for component in components for module in component.modules())
+    loaded = sum(any(getattr(module, name, None) is not None for name in ("lora_layer", "lora_linear_layer"))
+                 for component in components for module in component.modules())  # diffusers' LoRA layers
     assert loaded == len(network.adapters), "every tensor of the file found its layer"

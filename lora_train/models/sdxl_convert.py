@@ -45,7 +45,8 @@ def unet_config(checkpoint: Dict[str, torch.Tensor], network: Any) -> Dict[str, 
         raise ModelLoadError("the checkpoint's middle block and deepest level differ in transformer depth; "
                              "it is not an SDXL UNet")
     proj_in = next(checkpoint[first + "1.proj_in.weight"] for first, depth in zip(firsts, depths) if depth)
-    cross = next(value for key, value in checkpoint.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight"))
+    cross = next(value for key, value in checkpoint.items()
+                 if key.startswith(UNET) and key.endswith("attn2.to_k.weight"))
     adm = checkpoint[UNET + "label_emb.0.0.weight"].shape[1]
     pooled = checkpoint[TE2_PREFIX + "text_projection"].shape[1]
     conv_in = checkpoint[UNET + "input_blocks.0.0.weight"]
