@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
+from .bench_models import BENCH_ARCHITECTURES
 from .tiny import build_tiny_checkpoint
 
 GIB = 1024 ** 3
@@ -69,11 +70,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="ms/step and memory: ours vs. the bare UNet step vs. reference",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny",
-                        help="tiny: seconds (CI smoke); sd15: the SD1.5 architecture, randomly initialised; "
-                             "or an SD1/SD2 .safetensors checkpoint or diffusers folder")
+                        help="tiny: seconds (CI smoke); sd15 / sdxl: the SD1.5 / SDXL architecture, randomly "
+                             "initialised; or an SD1/SD2/SDXL .safetensors checkpoint or diffusers folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--resolution", type=int, default=0,
-                        help="image side in pixels (latents are 1/8); default 512 on a GPU, 128 (sd15) or 64 "
+                        help="image side in pixels (latents are 1/8); default 512 on a GPU, 64 (tiny) or 128 "
                              "(otherwise) on the CPU")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per loop (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -97,8 +98,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                              ("--resolution", resolution, 64), ("--threads", args.threads, 0)):
         if value < low:
             raise ValueError(f"{name} {value} must be >= {low}")
-    if args.model not in ("tiny", "sd15") and not Path(args.model).exists():
-        raise ValueError(f"--model {args.model!r}: use tiny, sd15 or the path of an SD1/SD2 checkpoint")
+    if args.model not in ("tiny", *BENCH_ARCHITECTURES) and not Path(args.model).exists():
+        raise ValueError(f"--model {args.model!r}: use tiny, {', '.join(BENCH_ARCHITECTURES)} or the path of an "
+                         "SD1/SD2/SDXL checkpoint")
     if resolution % 64:
         raise ValueError(f"--resolution {resolution}: use a multiple of 64 (e.g. 128 or 512)")
     return BenchSettings(model=args.model, device=args.device, resolution=resolution, steps=args.steps,

@@ -238,3 +238,11 @@ def test_diffusers_sdxl_pipeline_loads_the_file_and_reproduces_our_image(tiny_sd
     loaded = sum(any(getattr(module, name, None) is not None for name in ("lora_layer", "lora_linear_layer"))
                  for component in components for module in component.modules())  # diffusers' LoRA layers
     assert loaded == len(network.adapters), "every tensor of the file found its layer"
+
+
+@pytest.mark.parametrize("row", ["floor", "reference"])
+def test_bench_loops_condition_an_sdxl_unet(tiny_sdxl, row):
+    from lora_train.bench_loops import BenchSettings, run_row
+
+    result = run_row(row, BenchSettings(model=str(tiny_sdxl), steps=1, warmup=1))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
