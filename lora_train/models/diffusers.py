@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from . import ModelLoadError, SizeInfo, TargetSpec
-from .families import SUPPORTED
 from .common import checkpointed, empty_module, frozen, load_weights, scaled_linear_alphas_cumprod
 from .conditioning import Cond
 from .detect import detect_family
+from .families import SUPPORTED
 from .text_encoders import convert_text_encoder
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
