@@ -14,6 +14,8 @@ import argparse
 import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -25,13 +27,25 @@ GIB = 1024 ** 3
 CHECKPOINTING = {False: "", True: ", gradient checkpointing"}
 
 
+class BenchRowError(RuntimeError):
+    """A row's process died (killed for memory, most often); the message names the row."""
+
+
 def run_rows(settings: BenchSettings, names: List[str]) -> Dict[str, RowResult]:
-    """Runs each named loop in its own spawned process, one after the other."""
+    """Runs each named loop in its own spawned process, one after the other.
+
+    Raises:
+        BenchRowError: a row's process died before it reported (a killed pool worker would otherwise hang).
+    """
     context = multiprocessing.get_context("spawn")
     results = {}
     for name in names:
-        with context.Pool(1) as pool:
-            results[name] = pool.apply(run_row, (name, settings))
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            try:
+                results[name] = pool.submit(run_row, name, settings).result()
+            except BrokenProcessPool:
+                raise BenchRowError(f"the {name} row's process died before it finished (out of memory?); free "
+                                    "memory or try a smaller --model, --resolution or --batch-size") from None
     return results
 
 
@@ -108,8 +122,16 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                          gradient_checkpointing=args.gradient_checkpointing)
 
 
+def _run_model_rows(settings: BenchSettings, names: List[str]) -> Dict[str, RowResult]:
+    if settings.model != "tiny":
+        return run_rows(settings, names)
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
+        settings.model = str(build_tiny_checkpoint(Path(folder)))
+        return run_rows(settings, names)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark; 0 when done, 2 for bad arguments."""
+    """Runs the benchmark; 0 when done, 1 when a row's process died, 2 for bad arguments."""
     import torch
 
     try:
@@ -124,12 +146,11 @@ def run(args: argparse.Namespace) -> int:
           f"steps after {settings.warmup}, "
           f"{threads} threads, load average {_load()}")
     names = ["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
-    if settings.model == "tiny":
-        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
-            settings.model = str(build_tiny_checkpoint(Path(folder)))
-            results = run_rows(settings, names)
-    else:
-        results = run_rows(settings, names)
+    try:
+        results = _run_model_rows(settings, names)
+    except BenchRowError as error:
+        print(f"error: {error}")
+        return 1
     print(f"UNet parameters: {results['floor'].parameters / 1e6:.1f}M")
     print(format_table(results, "peak VRAM" if settings.device.startswith("cuda") else "peak RSS"))
     print(format_ratios(results))
