@@ -81,6 +81,15 @@ def test_tiny_sdxl_file_loads_sized_from_its_weights(model):
     torch.testing.assert_close(model.alphas_cumprod[[0, -1]], torch.tensor([0.99915, 0.00466]), atol=1e-5, rtol=0)
 
 
+def test_without_a_yaml_the_bundled_sdxl_defaults_apply_only_where_the_weights_fit(tmp_path):
+    model = load_diffusers_model(str(build_tiny_sdxl_checkpoint(tmp_path)))  # no .yaml beside it
+    assert model.unet.config.attention_head_dim == (1, 1, 2)  # 64-channel heads
+    assert model.text_encoder_2.config.num_attention_heads == 1  # bigG's 20 heads do not fit a 64-wide tower
+    assert model.prediction == "epsilon"
+    with torch.no_grad():
+        assert model.encode_prompts(CAPTIONS, SIZES).isfinite()
+
+
 @pytest.mark.parametrize("marker", ["key", "yaml"])
 def test_v_prediction_is_read_from_the_key_or_the_yaml(tmp_path, tiny_sdxl, marker):
     path = build_tiny_sdxl_checkpoint(tmp_path, v_prediction=marker == "key")

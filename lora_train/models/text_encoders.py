@@ -68,20 +68,21 @@ def open_clip_config(checkpoint: Dict[str, torch.Tensor], params: Any, prefix: s
     penultimate = str(params.get("layer", "last")) == "penultimate"
     projection = checkpoint.get(prefix + "text_projection")
     return _clip_config(
-        hidden_size=width, num_attention_heads=_open_clip_heads(str(params.get("arch", ""))) or max(1, width // 64),
+        hidden_size=width, num_attention_heads=_open_clip_heads(str(params.get("arch", "")), width) or max(1, width // 64),
         hidden_act="gelu", num_hidden_layers=blocks - 1 if penultimate and drop_skipped_layer else blocks,
         intermediate_size=checkpoint[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         max_position_embeddings=checkpoint[prefix + "positional_embedding"].shape[0],
         projection_dim=projection.shape[1] if projection is not None else width)
 
 
-def _open_clip_heads(arch: str) -> Optional[int]:
+def _open_clip_heads(arch: str, width: int) -> Optional[int]:
+    """The heads of open_clip's `arch` when its text tower has the checkpoint's width (else the arch is not it)."""
     try:
         from open_clip import get_model_config
     except ImportError:
         return None
-    config = get_model_config(arch) if arch else None
-    return config["text_cfg"].get("heads") if config else None
+    text = (get_model_config(arch) or {}).get("text_cfg", {}) if arch else {}
+    return text.get("heads") if text.get("width") == width else None
 
 
 def with_position_ids(model):
