@@ -68,7 +68,8 @@ def open_clip_config(checkpoint: Dict[str, torch.Tensor], params: Any, prefix: s
     penultimate = str(params.get("layer", "last")) == "penultimate"
     projection = checkpoint.get(prefix + "text_projection")
     return _clip_config(
-        hidden_size=width, num_attention_heads=_open_clip_heads(str(params.get("arch", "")), width) or max(1, width // 64),
+        hidden_size=width,
+        num_attention_heads=_open_clip_heads(str(params.get("arch", "")), width) or max(1, width // 64),
         hidden_act="gelu", num_hidden_layers=blocks - 1 if penultimate and drop_skipped_layer else blocks,
         intermediate_size=checkpoint[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         max_position_embeddings=checkpoint[prefix + "positional_embedding"].shape[0],
