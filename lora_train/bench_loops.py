@@ -1,11 +1,11 @@
 """The three training loops `bench train` compares, each timed in its own process on the same model and data.
 
 - floor: the bare step (UNet forward + backward + AdamW on pre-made latents and conditioning, only the LoRA
-  parameters trainable, nothing else; for sd15 only the UNet is built). No LoRA step can be faster than this.
+  parameters trainable, nothing else; for sd15/sdxl only the UNet is built). No LoRA step can be faster than this.
 - ours: `pipeline.train_lora` under the default config (batch size, rank and text-encoder training as asked).
 - fast: ours with FAST_PATH on top of the defaults; compiled: ours with training.compile (torch.compile).
-- reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`:
-  peft-injected LoRA, the VAE and the text encoder run every step.
+- reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`
+  (`train_text_to_image_lora_sdxl.py` for SDXL): peft-injected LoRA, the VAE and the text encoder(s) run every step.
 
 `run_row` runs one loop and returns its per-step times, losses and peak memory (the process's peak RSS on the
 CPU, `torch.cuda.max_memory_allocated` on a GPU); `bench_train` calls it in a fresh process per row, so one row's
@@ -24,6 +24,9 @@ from typing import Callable, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from .models.conditioning import Cond
+from .models.sdxl_convert import SIZE_NUMBERS
+
 LEARNING_RATE = 1e-4
 FAST_PATH = {"matmul_precision": "medium"}  # what measured fastest on the CPU (see --compile for torch.compile)
 # the modules our default targets adapt in every transformer block; the reference adapts the same ones
@@ -32,7 +35,7 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 @dataclass
 class BenchSettings:
-    model: str = "sd15"  # sd15 or a checkpoint path
+    model: str = "sd15"  # sd15, sdxl or a checkpoint path
     device: str = "cpu"
     resolution: int = 64  # image side; latents are resolution / 8
     steps: int = 5  # timed steps (the median is reported)
@@ -160,7 +163,7 @@ def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[Li
     generator = torch.Generator().manual_seed(settings.seed)
     side, unet = settings.resolution // 8, model.unet
     latents = torch.randn((4, unet.config.in_channels, side, side), generator=generator).to(model.device)
-    cond = torch.randn((4, 77, unet.config.cross_attention_dim), generator=generator).to(model.device, unet.dtype)
+    cond = _random_cond(model, settings, generator)
     unet.requires_grad_(False)
     _checkpointing(unet, settings)
     network = create_network(model.lora_targets(TargetSpec(text_encoder=False)),
@@ -174,7 +177,7 @@ def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[Li
         x0, c, noise, t = batches[index]
         a = alphas[t].view(-1, 1, 1, 1)
         with _autocast(model.device):
-            prediction = model.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=c).sample
+            prediction = model.predict(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, c)
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
@@ -189,11 +192,25 @@ def _batches(latents, cond, settings: BenchSettings, generator, timesteps: int):
     batches = []
     for index in range(settings.total_steps):
         rows = [(index * settings.batch_size + k) % len(latents) for k in range(settings.batch_size)]
-        x0, c = latents[rows], cond[rows].to(latents.dtype)
+        x0 = latents[rows]
+        c = Cond(cond.crossattn[rows], None if cond.vector is None else cond.vector[rows])
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, timesteps, (len(rows),), generator=generator)
         batches.append((x0, c, noise.to(x0.device), t.to(x0.device)))
     return batches
+
+
+def _random_cond(model, settings: BenchSettings, generator) -> Cond:
+    """Conditioning of the model's shape for 4 samples; SDXL's vector: a random pooled embedding and the sizes."""
+    config, device = model.unet.config, model.device
+    crossattn = torch.randn((4, 77, config.cross_attention_dim), generator=generator).to(device, model.unet.dtype)
+    if config.addition_embed_type != "text_time":
+        return Cond(crossattn)
+    pooled = config.projection_class_embeddings_input_dim - SIZE_NUMBERS * config.addition_time_embed_dim
+    side = float(settings.resolution)
+    sizes = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(4, -1)
+    vector = torch.cat([torch.randn((4, pooled), generator=generator), sizes], dim=1)
+    return Cond(crossattn, vector.to(device, model.unet.dtype))
 
 
 def _checkpointing(unet, settings: BenchSettings) -> None:
@@ -213,8 +230,8 @@ def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tupl
     from peft import LoraConfig
 
     pixels, captions, _, _ = _premade(model, images, settings)
-    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
-    for component in (unet, vae, text_encoder):
+    unet, vae = model.unet, model.vae
+    for component in (unet, *model.encoders().values()):
         component.requires_grad_(False)
     _checkpointing(unet, settings)
     unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.rank, init_lora_weights="gaussian",
@@ -229,16 +246,14 @@ def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tupl
 
     def step(index: int) -> float:
         rows = [(index * settings.batch_size + k) % len(pixels) for k in range(settings.batch_size)]
-        tokens = model.tokenizer([captions[r] for r in rows], padding="max_length", truncation=True,
-                                 max_length=model.tokenizer.model_max_length, return_tensors="pt")
         with _autocast(model.device):
             latents = vae.encode(pixels[rows].to(model.device, vae.dtype)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), device=model.device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            cond = text_encoder(tokens.input_ids.to(model.device), return_dict=False)[0]
-            prediction = unet(noisy, timesteps, cond, return_dict=False)[0]
+            cond, added = _reference_prompts(model, [captions[r] for r in rows], settings.resolution)
+            prediction = unet(noisy, timesteps, cond, added_cond_kwargs=added, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora_parameters, 1.0)
@@ -247,3 +262,20 @@ def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tupl
         return loss.detach()
     times, losses = _timed(step, settings.total_steps, model.device)
     return times, [float(loss) for loss in losses]
+
+
+def _reference_prompts(model, captions: List[str], side: int):
+    """(encoder_hidden_states, added_cond_kwargs) as the diffusers scripts compute them, every step."""
+    def ids(tokenizer):
+        return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids.to(model.device)
+    if model.family != "sdxl":
+        return model.text_encoder(ids(model.tokenizer), return_dict=False)[0], None
+    # train_text_to_image_lora_sdxl.py: both encoders' penultimate hidden states, the second's pooled output,
+    # and the (original, crop, target) size ids
+    hidden = []
+    for encoder, tokenizer in ((model.text_encoder, model.tokenizer), (model.text_encoder_2, model.tokenizer_2)):
+        output = encoder(ids(tokenizer), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]] * len(captions), device=model.device)
+    return torch.cat(hidden, dim=-1), {"text_embeds": output[0], "time_ids": time_ids.to(output[0].dtype)}

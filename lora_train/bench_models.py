@@ -1,9 +1,11 @@
 """The models and images the training benchmark runs on, built in code (no hub, no downloads).
 
 `tiny` is the tiny SD1-topology checkpoint of `lora_train.tiny` (built once by the parent process), loaded the
-way users' files are; any other path is a user's SD1/SD2 checkpoint file or diffusers folder. `sd15` is the
+way users' files are; any other path is a user's SD1/SD2/SDXL checkpoint file or diffusers folder. `sd15` is the
 real SD1.5 architecture, randomly initialised: UNet (859.5M parameters, diffusers' default UNet config is
-SD1's), the SD VAE and the CLIP ViT-L/14 text encoder. Random weights time exactly like trained ones.
+SD1's), the SD VAE and the CLIP ViT-L/14 text encoder. `sdxl` is SDXL base's: UNet (2567.5M), the VAE's
+architecture (SDXL's differs from SD's in weights only), CLIP ViT-L/14 and OpenCLIP ViT-bigG/14's text towers.
+Random weights time exactly like trained ones.
 """
 
 from __future__ import annotations
@@ -12,22 +14,36 @@ from pathlib import Path
 
 import torch
 
+from .models.common import scaled_linear_alphas_cumprod
 from .models.diffusers import DiffusersModel
 from .models.text_encoders import sd1_vit_l_config
 
+BENCH_ARCHITECTURES = ("sd15", "sdxl")
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+# SDXL base's UNet (2567.5M parameters): 3 levels, attention with 64-channel heads at 2 and 4x down-sampling
+SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+# OpenCLIP ViT-bigG/14's text tower, SDXL's second text encoder (all 32 layers: the pooled output needs the last)
+SDXL_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", max_position_embeddings=77, projection_dim=1280, vocab_size=49408,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
 def build_bench_model(name: str, device: torch.device, encoders: bool = True) -> DiffusersModel:
-    """sd15 or a checkpoint path on device: fp16 UNet and text encoder on a GPU, fp32 on the CPU (VAE fp32).
+    """sd15, sdxl or a checkpoint path on device: fp16 UNet and text encoders on a GPU, fp32 on the CPU (VAE fp32).
 
-    sd15 without encoders has only its UNet (the floor's memory is the UNet's).
+    sd15 and sdxl without encoders have only their UNet (the floor's memory is the UNet's).
     """
     from .models.diffusers import load_diffusers_model
 
-    model = _sd15(encoders) if name == "sd15" else load_diffusers_model(name)
+    builders = {"sd15": _sd15, "sdxl": _sdxl}
+    model = builders[name](encoders) if name in builders else load_diffusers_model(name)
     return model.to(device, torch.float16 if device.type == "cuda" else torch.float32)
 
 
@@ -43,11 +59,28 @@ def _sd15(encoders: bool) -> DiffusersModel:
     if encoders:
         text_encoder = CLIPTextModel(sd1_vit_l_config())
         vae = AutoencoderKL(**SD15_VAE)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     return DiffusersModel(unet=unet, vae=vae, text_encoder=text_encoder,
                           tokenizer=CLIPTokenizer.from_pretrained(cached_clip_tokenizer()),
-                          alphas_cumprod=torch.cumprod(1 - betas, dim=0).float(), prediction="epsilon",
+                          alphas_cumprod=scaled_linear_alphas_cumprod(), prediction="epsilon",
                           family="sd1", name="sd15-random")
+
+
+def _sdxl(encoders: bool) -> DiffusersModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .models.clip_tokenizer import EOS, cached_clip_tokenizer
+    from .models.diffusers_xl import OPEN_CLIP_PAD, SdxlModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    text_encoders, vae = [torch.nn.Identity(), torch.nn.Identity()], torch.nn.Identity()
+    if encoders:
+        text_encoders = [CLIPTextModel(sd1_vit_l_config()), CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_BIGG))]
+        vae = AutoencoderKL(**{**SD15_VAE, "scaling_factor": 0.13025})
+    tokenizers = [CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad)) for pad in (EOS, OPEN_CLIP_PAD)]
+    return SdxlModel(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                     alphas_cumprod=scaled_linear_alphas_cumprod(), prediction="epsilon", name="sdxl-random")
 
 
 def write_bench_images(folder: Path, settings) -> Path:

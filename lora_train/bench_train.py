@@ -15,10 +15,13 @@ import argparse
 import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Dict, List
 
 from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
+from .bench_models import BENCH_ARCHITECTURES
 from .bench_rounds import RowRounds, ratio, run_rounds, verdict
 from .tiny import build_tiny_checkpoint
 
@@ -26,10 +29,22 @@ GIB = 1024 ** 3
 CHECKPOINTING = {False: "", True: ", gradient checkpointing"}
 
 
+class BenchRowError(RuntimeError):
+    """A row's process died (killed for memory, most often); the message names the row."""
+
+
 def run_in_process(name: str, settings: BenchSettings) -> RowResult:
-    """Runs one loop in a fresh spawned process, so its peak memory is its own."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_row, (name, settings))
+    """Runs one loop in a fresh spawned process, so its peak memory is its own.
+
+    Raises:
+        BenchRowError: the process died before it reported (a killed pool worker would otherwise hang).
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(run_row, name, settings).result()
+        except BrokenProcessPool:
+            raise BenchRowError(f"the {name} row's process died before it finished (out of memory?); free "
+                                "memory or try a smaller --model, --resolution or --batch-size") from None
 
 
 def format_table(results: Dict[str, RowRounds], memory: str) -> str:
@@ -67,11 +82,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="ms/step and memory: ours vs. the bare UNet step vs. reference",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny",
-                        help="tiny: seconds (CI smoke); sd15: the SD1.5 architecture, randomly initialised; "
-                             "or an SD1/SD2 .safetensors checkpoint or diffusers folder")
+                        help="tiny: seconds (CI smoke); sd15 / sdxl: the SD1.5 / SDXL architecture, randomly "
+                             "initialised; or an SD1/SD2/SDXL .safetensors checkpoint or diffusers folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--resolution", type=int, default=0,
-                        help="image side in pixels (latents are 1/8); default 512 on a GPU, 128 (sd15) or 64 "
+                        help="image side in pixels (latents are 1/8); default 512 on a GPU, 64 (tiny) or 128 "
                              "(otherwise) on the CPU")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per loop and round (median reported); "
                         "raised after the first round where steps are short")
@@ -98,8 +113,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                              ("--resolution", resolution, 64), ("--threads", args.threads, 0)):
         if value < low:
             raise ValueError(f"{name} {value} must be >= {low}")
-    if args.model not in ("tiny", "sd15") and not Path(args.model).exists():
-        raise ValueError(f"--model {args.model!r}: use tiny, sd15 or the path of an SD1/SD2 checkpoint")
+    if args.model not in ("tiny", *BENCH_ARCHITECTURES) and not Path(args.model).exists():
+        raise ValueError(f"--model {args.model!r}: use tiny, {', '.join(BENCH_ARCHITECTURES)} or the path of an "
+                         "SD1/SD2/SDXL checkpoint")
     if resolution % 64:
         raise ValueError(f"--resolution {resolution}: use a multiple of 64 (e.g. 128 or 512)")
     return BenchSettings(model=args.model, device=args.device, resolution=resolution, steps=args.steps,
@@ -107,8 +123,16 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                          gradient_checkpointing=args.gradient_checkpointing)
 
 
+def _run_model_rows(settings: BenchSettings, names: List[str], rounds: int) -> Dict[str, RowRounds]:
+    if settings.model != "tiny":
+        return run_rounds(settings, names, rounds, run_in_process)
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
+        settings.model = str(build_tiny_checkpoint(Path(folder)))
+        return run_rounds(settings, names, rounds, run_in_process)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark; 0 when done, 2 for bad arguments."""
+    """Runs the benchmark; 0 when done, 1 when a row's process died, 2 for bad arguments."""
     import torch
 
     try:
@@ -123,12 +147,11 @@ def run(args: argparse.Namespace) -> int:
           f"or more steps after {settings.warmup} in each of {args.rounds} interleaved rounds, "
           f"{threads} threads, load average {_load()}")
     names = ["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
-    if settings.model == "tiny":
-        with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
-            settings.model = str(build_tiny_checkpoint(Path(folder)))
-            results = run_rounds(settings, names, args.rounds, run_in_process)
-    else:
-        results = run_rounds(settings, names, args.rounds, run_in_process)
+    try:
+        results = _run_model_rows(settings, names, args.rounds)
+    except BenchRowError as error:
+        print(f"error: {error}")
+        return 1
     print(f"UNet parameters: {results['floor'].first.parameters / 1e6:.1f}M")
     print(format_table(results, "peak VRAM" if settings.device.startswith("cuda") else "peak RSS"))
     print(format_ratios(results))

@@ -1,4 +1,4 @@
-"""`python -m lora_train train --config x.yaml [--dry-run]`: standalone training from a YAML file.
+"""`python -m lora_train train --config x.yaml [--dry-run]`: standalone training from a YAML file (SD1, SD2, SDXL).
 
 Prints a progress bar (step, loss, it/s, ETA) and a summary of where every file went. Exit code 0 on success;
 a user mistake (bad config, dataset, model or output name) prints one line starting with "error:" and exits 2.
@@ -31,7 +31,8 @@ USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, Outpu
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a LoRA from a YAML config",
-                                   description="Train a LoRA on a Stable Diffusion 1.x/2.x checkpoint.")
+                                   description="Train a LoRA on a Stable Diffusion 1.x, 2.x or SDXL checkpoint "
+                                               "(.safetensors file or diffusers folder).")
     parser.add_argument("--config", required=True, help="YAML file (see lora_train/configs/lora_default.yaml)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, dataset report, buckets and step count; train nothing")

@@ -3,7 +3,8 @@
 Targets are declarative: the children (Linear, Conv2d) of blocks whose class name is in a set, as kohya
 sd-scripts' `networks/lora.py` selects them. Stems are `<prefix>_<module path with . -> _>`. SD1/SD2 UNet stems
 use diffusers module paths, so a UNet held with compvis (ldm) names is renamed by `compvis_to_diffusers_path`,
-the inverse of the WebUI's `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py).
+the inverse of the WebUI's `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py). SDXL UNet
+stems use the compvis (sgm) paths, so a diffusers SDXL UNet is renamed by `sdxl_diffusers_to_compvis_path`.
 
 An OpenCLIP text tower (SD2's text encoder, SDXL's second, as the WebUI holds them) is named by the HF CLIP paths
 kohya files use: resblock i's `attn` (a fused nn.MultiheadAttention) gives four `FusedProjection` targets
@@ -33,12 +34,14 @@ OPEN_CLIP_LAYER_TARGETS = (
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"  # SD1/SD2's text encoder
-TEXT_ENCODER_2_PREFIX = "lora_te2"  # SDXL's second text encoder (OpenCLIP bigG)
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")  # SDXL's CLIP ViT-L, OpenCLIP bigG
+TEXT_ENCODER_2_PREFIX = SDXL_TEXT_ENCODER_PREFIXES[1]
 
 Target = Union[nn.Module, FusedProjection]  # what a stem adapts: a Linear, a Conv2d or a fused projection
 
 _RESNET_SUFFIX = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
                   "skip_connection": "conv_shortcut"}
+_RESNET_SUFFIX_COMPVIS = {diffusers: compvis for compvis, diffusers in _RESNET_SUFFIX.items()}
 
 
 def find_targets(root: nn.Module, blocks: FrozenSet[str], prefix: str,
@@ -98,11 +101,11 @@ def compvis_to_diffusers_path(path: str) -> str:
     raise ValueError(f"UNet module {path!r} has no diffusers name; the UNet layout is not SD1/SD2")
 
 
-def _resnet(block: str, rest: str) -> str:
-    for compvis, diffusers in _RESNET_SUFFIX.items():
-        if rest == compvis or rest.startswith(compvis + "."):
-            return f"{block}.{diffusers}{rest[len(compvis):]}"
-    raise ValueError(f"ResNet layer {rest!r} has no diffusers name")
+def _resnet(block: str, rest: str, names: Dict[str, str] = _RESNET_SUFFIX) -> str:
+    for old, new in names.items():
+        if rest == old or rest.startswith(old + "."):
+            return f"{block}.{new}{rest[len(old):]}"
+    raise ValueError(f"ResNet layer {rest!r} has no name in the other layout")
 
 
 _COMPVIS_RULES = (
@@ -117,4 +120,38 @@ _COMPVIS_RULES = (
     (r"output_blocks\.(\d+)\.0\.(.+)",
      lambda i, rest: _resnet(f"up_blocks.{int(i) // 3}.resnets.{int(i) % 3}", rest)),
     (r"output_blocks\.(\d+)\.1\.(.+)", lambda i, rest: f"up_blocks.{int(i) // 3}.attentions.{int(i) % 3}.{rest}"),
+)
+
+
+def sdxl_diffusers_to_compvis_path(path: str) -> str:
+    """Renames a diffusers SDXL UNet module path to the sgm (compvis) path kohya's SDXL files use.
+
+    Assumes SDXL's layout: two ResNets per level, and attention in every level that up-samples:
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in,
+    up_blocks.0.upsamplers.0.conv -> output_blocks.2.2.conv.
+    """
+    for pattern, convert in _SDXL_DIFFUSERS_RULES:
+        match = re.fullmatch(pattern, path)
+        if match:
+            return convert(*match.groups())
+    raise ValueError(f"UNet module {path!r} has no compvis name; the UNet layout is not SDXL")
+
+
+def _compvis_resnet(block: str, rest: str) -> str:
+    return _resnet(block, rest, _RESNET_SUFFIX_COMPVIS)
+
+
+_SDXL_DIFFUSERS_RULES = (
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda i, j, rest: _compvis_resnet(f"input_blocks.{3 * int(i) + int(j) + 1}.0", rest)),
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
+     lambda i, j, rest: f"input_blocks.{3 * int(i) + int(j) + 1}.1.{rest}"),
+    (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda i: f"input_blocks.{3 * (int(i) + 1)}.0.op"),
+    (r"mid_block\.attentions\.0\.(.+)", lambda rest: f"middle_block.1.{rest}"),
+    (r"mid_block\.resnets\.(\d+)\.(.+)", lambda k, rest: _compvis_resnet(f"middle_block.{2 * int(k)}", rest)),
+    (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda i, j, rest: _compvis_resnet(f"output_blocks.{3 * int(i) + int(j)}.0", rest)),
+    (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
+     lambda i, j, rest: f"output_blocks.{3 * int(i) + int(j)}.1.{rest}"),
+    (r"up_blocks\.(\d+)\.upsamplers\.0\.conv", lambda i: f"output_blocks.{3 * int(i) + 2}.2.conv"),
 )

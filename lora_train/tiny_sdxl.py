@@ -186,8 +186,9 @@ def build_tiny_sdxl(seed: int = 0) -> TinySdxl:
 
 def sdxl_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
     """SDXL's noise schedule (sgm's LegacyDDPMDiscretization: scaled-linear betas 0.00085..0.012)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0).float()
+    from .models.common import scaled_linear_alphas_cumprod
+
+    return scaled_linear_alphas_cumprod(0.00085, 0.012, steps)
 
 
 def build_tiny_sdxl_checkpoint(folder: Path, name: str = "tiny-sdxl", v_prediction: bool = False,

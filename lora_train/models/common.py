@@ -1,20 +1,41 @@
-"""What the model adapters share: empty modules to load weights into, a frozen base, checkpointed blocks; each
-context manager undoes exactly what it did on exit."""
+"""What the model adapters share: empty modules to load weights into, the SD noise schedule, a frozen base,
+checkpointed blocks; each context manager undoes exactly what it did on exit."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from . import ModelLoadError
 
 
 def empty_module(cls, **config) -> nn.Module:
     """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""
     with torch.device("meta"):
         return cls(**config)
+
+
+def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    """Loads by taking the checkpoint's tensors as the weights (no second copy of the model in memory).
+
+    Raises:
+        ModelLoadError: the tensors do not fit the module (names or shapes).
+    """
+    try:
+        module.load_state_dict(state_dict, assign=True)
+    except RuntimeError as error:
+        raise ModelLoadError(f"the checkpoint's {what} does not match its config ({str(error)[:300]}); "
+                             "put the model's own .yaml beside it with the same name") from None
+
+
+def scaled_linear_alphas_cumprod(start: float = 0.00085, end: float = 0.012, steps: int = 1000) -> torch.Tensor:
+    """alpha_bar_t of SD's DDPM schedule: betas linear in sqrt between start and end (SD1/SD2/SDXL defaults)."""
+    betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
-"""Standalone SD1/SD2: a single-file .safetensors checkpoint or a diffusers folder, loaded by diffusers.
+"""Standalone training's models: a single-file .safetensors checkpoint or a diffusers folder, loaded by diffusers.
 
-A single file is converted in memory with diffusers' own LDM converters. Its LDM config is the `.yaml` with the
+What a file is comes from `detect.py`; SDXL files and folders load in `diffusers_xl.py`, SD1/SD2 here. An SD1/SD2
+single file is converted in memory with diffusers' own LDM converters. Its LDM config is the `.yaml` with the
 same name beside it (as the WebUI does), else the bundled SD1/SD2 config for the family found in the state-dict
 keys; SD2 eps vs v is then told by the WebUI's test (a v-model pushes a constant input strongly negative).
 The text encoder is sized from its weights and the CLIP tokenizer built from open_clip's vocabulary
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from . import ModelLoadError, SizeInfo, TargetSpec
-from .common import checkpointed, empty_module, frozen
+from .common import checkpointed, empty_module, frozen, load_weights, scaled_linear_alphas_cumprod
 from .conditioning import Cond
+from .detect import detect_family
+from .families import SUPPORTED
 from .text_encoders import convert_text_encoder
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
@@ -45,8 +48,8 @@ class DiffusersModel:
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "DiffusersModel":
         """Moves the components; the VAE stays fp32 (SD VAEs overflow in fp16)."""
         self.unet.to(device, dtype)
-        self.text_encoder.to(device, dtype)
-        self.vae.to(device, torch.float32)
+        for role, component in self.encoders().items():
+            component.to(device, torch.float32 if role == "vae" else dtype)
         return self
 
     def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
@@ -75,7 +78,7 @@ class DiffusersModel:
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            for component in (self.unet, self.vae, self.text_encoder):
+            for component in (self.unet, *self.encoders().values()):
                 stack.enter_context(frozen(component))
             if gradient_checkpointing:
                 unet = self.unet
@@ -90,7 +93,7 @@ def load_diffusers_model(base_model: str) -> DiffusersModel:
     takes about the file's size in memory; `DiffusersModel.to(device, dtype)` then places and casts them.
 
     Raises:
-        ModelLoadError: a pickle file, an unknown file type, or not an SD1/SD2 model.
+        ModelLoadError: a pickle file, an unknown file type, or not an SD1/SD2/SDXL base model.
     """
     path = Path(base_model)
     if path.is_dir():
@@ -111,6 +114,14 @@ def _load_folder(path: Path) -> DiffusersModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if not (path / "text_encoder").is_dir():
+        what = "an SDXL refiner" if (path / "text_encoder_2").is_dir() else "a model without a text encoder"
+        raise ModelLoadError(f"{path.name} is {what}; this trains {SUPPORTED} base models. Point "
+                             "model.base_model at one of those")
+    if (path / "text_encoder_2").is_dir():
+        from .diffusers_xl import load_sdxl_folder
+
+        return load_sdxl_folder(path)
     options = dict(local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **options)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **options)
@@ -123,18 +134,6 @@ def _load_folder(path: Path) -> DiffusersModel:
         name=path.name)
 
 
-def detect_family(keys: List[str]) -> str:
-    """sd1 / sd2 from the text-encoder keys of an LDM state dict."""
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        raise ModelLoadError("SDXL checkpoints are not supported by standalone training yet; use an SD1/SD2 model")
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    raise ModelLoadError("not a Stable Diffusion 1.x/2.x checkpoint: it has no text-encoder weights "
-                         "(cond_stage_model.*); a LoRA or VAE file cannot be a base model")
-
-
 def _load_single_file(path: Path) -> DiffusersModel:
     from safetensors.torch import load_file
 
@@ -142,9 +141,13 @@ def _load_single_file(path: Path) -> DiffusersModel:
         checkpoint = load_file(str(path))
     except Exception as error:  # safetensors raises its own untyped errors for damaged headers
         raise ModelLoadError(f"{path.name} cannot be read as safetensors ({error}); re-download it") from None
-    family = detect_family(list(checkpoint))
+    family = detect_family(checkpoint, path.name)
+    if family == "sdxl":
+        from .diffusers_xl import load_sdxl_file
+
+        return load_sdxl_file(path, checkpoint)
     beside = path.with_suffix(".yaml")
-    config = _load_ldm_config(beside if beside.is_file() else CONFIG_DIR / "ldm" / f"{family}.yaml")
+    config = load_model_config(beside if beside.is_file() else CONFIG_DIR / "ldm" / f"{family}.yaml")
     unet = _convert_unet(checkpoint, config)
     prediction = _prediction(config, family, unet, explicit=beside.is_file())
     text_encoder, tokenizer = convert_text_encoder(checkpoint, config, family)
@@ -153,7 +156,8 @@ def _load_single_file(path: Path) -> DiffusersModel:
                           prediction=prediction, family=family, name=path.stem)
 
 
-def _load_ldm_config(path: Path) -> Any:
+def load_model_config(path: Path) -> Any:
+    """An LDM/sgm .yaml as an OmegaConf config."""
     from omegaconf import OmegaConf
 
     try:
@@ -169,7 +173,7 @@ def _convert_unet(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module
 
     unet_config = create_unet_diffusers_config(config, image_size=512)
     unet = empty_module(UNet2DConditionModel, **unet_config)
-    _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), "UNet")
+    load_weights(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), "UNet")
     return unet
 
 
@@ -180,17 +184,8 @@ def _convert_vae(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
 
     vae_config = create_vae_diffusers_config(config, image_size=512)
     vae = empty_module(AutoencoderKL, **vae_config, scaling_factor=float(config.model.params.scale_factor))
-    _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, vae_config), "VAE")
+    load_weights(vae, convert_ldm_vae_checkpoint(checkpoint, vae_config), "VAE")
     return vae
-
-
-def _load_strict(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
-    """Loads by taking the checkpoint's tensors as the weights (no second copy of the model in memory)."""
-    try:
-        module.load_state_dict(state_dict, assign=True)
-    except RuntimeError as error:
-        raise ModelLoadError(f"the checkpoint's {what} does not match its config ({str(error)[:300]}); "
-                             "put the model's own .yaml beside it with the same name") from None
 
 
 def _prediction(config: Any, family: str, unet: nn.Module, explicit: bool) -> str:
@@ -212,7 +207,5 @@ def _alphas_cumprod(checkpoint: Dict[str, torch.Tensor], config: Any) -> torch.T
     if "alphas_cumprod" in checkpoint:
         return checkpoint["alphas_cumprod"].float()
     params = config.model.params
-    betas = torch.linspace(params.linear_start ** 0.5, params.linear_end ** 0.5, params.timesteps,
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0).float()
+    return scaled_linear_alphas_cumprod(params.linear_start, params.linear_end, params.timesteps)
 

@@ -1,9 +1,10 @@
-"""The text encoder of a single-file SD1/SD2 checkpoint as a transformers CLIPTextModel, sized from its weights.
+"""The text encoders of single-file checkpoints as transformers CLIP models, sized from their weights.
 
-Widths and depths are read from the state dict, so any SD1/SD2-layout checkpoint converts without a hub
-download. Heads cannot be read from weights: they come from the local `version:` folder of the LDM config
-(SD1), from open_clip's config of the `arch:` it names (SD2), else width / 64 (true for SD1.x and SD2.x).
-SD2 uses the penultimate layer (`layer: penultimate`), so the last block is left out, as the WebUI does.
+Widths and depths are read from the state dict, so any SD1/SD2/SDXL-layout checkpoint converts without a hub
+download. Heads cannot be read from weights: they come from the local `version:` folder of the LDM/sgm config
+(openai CLIP: SD1, SDXL's first), from open_clip's config of the `arch:` it names (OpenCLIP: SD2, SDXL's second),
+else width / 64 (true for SD1.x, SD2.x and SDXL). SD2 uses the penultimate layer (`layer: penultimate`), so the
+last block is left out, as the WebUI does; SDXL's OpenCLIP keeps it, for its pooled output.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ SD1_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, 
 SD2_PREFIX = "cond_stage_model.model."
 
 
-def _count(checkpoint: Dict[str, torch.Tensor], pattern: str) -> int:
+def count_indexed(checkpoint: Dict[str, torch.Tensor], pattern: str) -> int:
+    """1 + the largest index the regex `pattern` captures in a key (0 when none matches)."""
     indices = {int(m.group(1)) for key in checkpoint for m in [re.match(pattern, key)] if m}
     return max(indices) + 1 if indices else 0
 
@@ -40,43 +42,51 @@ def _clip_config(**values):
     return CLIPTextConfig(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1, **values)
 
 
-def sd1_config(checkpoint: Dict[str, torch.Tensor], local: Optional[Path]):
+def openai_clip_config(checkpoint: Dict[str, torch.Tensor], local: Optional[Path], prefix: str = SD1_PREFIX):
+    """The config of the openai-CLIP text model under `prefix` (transformers' names), or of the local folder."""
     from transformers import CLIPTextConfig
 
     if local is not None:
         return CLIPTextConfig.from_pretrained(local)
-    width = checkpoint[SD1_PREFIX + "embeddings.token_embedding.weight"].shape[1]
+    width = checkpoint[prefix + "embeddings.token_embedding.weight"].shape[1]
     return _clip_config(
         hidden_size=width, num_attention_heads=max(1, width // 64), hidden_act="quick_gelu",
-        num_hidden_layers=_count(checkpoint, re.escape(SD1_PREFIX) + r"encoder\.layers\.(\d+)\."),
-        intermediate_size=checkpoint[SD1_PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-        max_position_embeddings=checkpoint[SD1_PREFIX + "embeddings.position_embedding.weight"].shape[0],
+        num_hidden_layers=count_indexed(checkpoint, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
+        intermediate_size=checkpoint[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_position_embeddings=checkpoint[prefix + "embeddings.position_embedding.weight"].shape[0],
         projection_dim=width)
 
 
-def sd2_config(checkpoint: Dict[str, torch.Tensor], params: Any):
-    width = checkpoint[SD2_PREFIX + "token_embedding.weight"].shape[1]
-    blocks = _count(checkpoint, re.escape(SD2_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+def open_clip_config(checkpoint: Dict[str, torch.Tensor], params: Any, prefix: str = SD2_PREFIX,
+                     drop_skipped_layer: bool = True):
+    """The config of the OpenCLIP text tower under `prefix`; `params` are its embedder's (arch, layer).
+
+    drop_skipped_layer: leave out the last block when the embedder takes the penultimate layer (SD2).
+    """
+    width = checkpoint[prefix + "token_embedding.weight"].shape[1]
+    blocks = count_indexed(checkpoint, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
     penultimate = str(params.get("layer", "last")) == "penultimate"
-    projection = checkpoint.get(SD2_PREFIX + "text_projection")
+    projection = checkpoint.get(prefix + "text_projection")
     return _clip_config(
-        hidden_size=width, num_attention_heads=_open_clip_heads(str(params.get("arch", ""))) or max(1, width // 64),
-        hidden_act="gelu", num_hidden_layers=blocks - 1 if penultimate else blocks,
-        intermediate_size=checkpoint[SD2_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        max_position_embeddings=checkpoint[SD2_PREFIX + "positional_embedding"].shape[0],
+        hidden_size=width,
+        num_attention_heads=_open_clip_heads(str(params.get("arch", "")), width) or max(1, width // 64),
+        hidden_act="gelu", num_hidden_layers=blocks - 1 if penultimate and drop_skipped_layer else blocks,
+        intermediate_size=checkpoint[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        max_position_embeddings=checkpoint[prefix + "positional_embedding"].shape[0],
         projection_dim=projection.shape[1] if projection is not None else width)
 
 
-def _open_clip_heads(arch: str) -> Optional[int]:
+def _open_clip_heads(arch: str, width: int) -> Optional[int]:
+    """The heads of open_clip's `arch` when its text tower has the checkpoint's width (else the arch is not it)."""
     try:
         from open_clip import get_model_config
     except ImportError:
         return None
-    config = get_model_config(arch) if arch else None
-    return config["text_cfg"].get("heads") if config else None
+    text = (get_model_config(arch) or {}).get("text_cfg", {}) if arch else {}
+    return text.get("heads") if text.get("width") == width else None
 
 
-def _with_position_ids(model):
+def with_position_ids(model):
     """CLIP's position_ids buffer (0..n-1), which some checkpoints leave out, made real if it is not."""
     embeddings = model.text_model.embeddings
     if embeddings.position_ids.is_meta:
@@ -95,10 +105,10 @@ def convert_text_encoder(checkpoint: Dict[str, torch.Tensor], config: Any, famil
     if family == "sd1":
         from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_clip_checkpoint
 
-        empty = empty_module(CLIPTextModel, config=sd1_config(checkpoint, local))
-        text_encoder = _with_position_ids(convert_ldm_clip_checkpoint(checkpoint, text_encoder=empty))
+        empty = empty_module(CLIPTextModel, config=openai_clip_config(checkpoint, local))
+        text_encoder = with_position_ids(convert_ldm_clip_checkpoint(checkpoint, text_encoder=empty))
         return text_encoder, CLIPTokenizer.from_pretrained(local if local else cached_clip_tokenizer())
-    return _convert_sd2(checkpoint, sd2_config(checkpoint, params)), \
+    return convert_open_clip(checkpoint, open_clip_config(checkpoint, params)), \
         CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad_token="!"))
 
 
@@ -106,17 +116,21 @@ _OPEN_CLIP_TO_HF = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.
                    ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj."))
 
 
-def _convert_sd2(checkpoint: Dict[str, torch.Tensor], clip_config) -> Any:
-    """OpenCLIP's text tower (fused q/k/v in_proj) as a CLIPTextModel with separate q/k/v projections."""
-    from transformers import CLIPTextModel
+def convert_open_clip(checkpoint: Dict[str, torch.Tensor], clip_config, prefix: str = SD2_PREFIX,
+                      with_projection: bool = False) -> Any:
+    """OpenCLIP's text tower (fused q/k/v in_proj) as a CLIPTextModel with separate q/k/v projections; with
+    `with_projection` a CLIPTextModelWithProjection whose `text_embeds` are OpenCLIP's pooled, projected output."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     width, layers = clip_config.hidden_size, clip_config.num_hidden_layers
-    state = {"text_model.embeddings.token_embedding.weight": checkpoint[SD2_PREFIX + "token_embedding.weight"],
-             "text_model.embeddings.position_embedding.weight": checkpoint[SD2_PREFIX + "positional_embedding"],
-             "text_model.final_layer_norm.weight": checkpoint[SD2_PREFIX + "ln_final.weight"],
-             "text_model.final_layer_norm.bias": checkpoint[SD2_PREFIX + "ln_final.bias"]}
+    state = {"text_model.embeddings.token_embedding.weight": checkpoint[prefix + "token_embedding.weight"],
+             "text_model.embeddings.position_embedding.weight": checkpoint[prefix + "positional_embedding"],
+             "text_model.final_layer_norm.weight": checkpoint[prefix + "ln_final.weight"],
+             "text_model.final_layer_norm.bias": checkpoint[prefix + "ln_final.bias"]}
+    if with_projection:  # OpenCLIP computes x @ P; a Linear holds P transposed
+        state["text_projection.weight"] = checkpoint[prefix + "text_projection"].T.contiguous()
     for layer in range(layers):
-        source, target = f"{SD2_PREFIX}transformer.resblocks.{layer}.", f"text_model.encoder.layers.{layer}."
+        source, target = f"{prefix}transformer.resblocks.{layer}.", f"text_model.encoder.layers.{layer}."
         for kind in ("weight", "bias"):
             fused = checkpoint[f"{source}attn.in_proj_{kind}"]
             for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -127,10 +141,10 @@ def _convert_sd2(checkpoint: Dict[str, torch.Tensor], clip_config) -> Any:
                 for old, new in _OPEN_CLIP_TO_HF:
                     rest = rest.replace(old, new)
                 state[target + rest] = value
-    model = empty_module(CLIPTextModel, config=clip_config)
+    model = empty_module(CLIPTextModelWithProjection if with_projection else CLIPTextModel, config=clip_config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    _with_position_ids(model)
+    with_position_ids(model)
     if unexpected or [key for key in missing if not key.endswith("position_ids")]:
-        raise ModelLoadError(f"the SD2 text encoder does not convert (missing {missing[:3]}, unexpected "
+        raise ModelLoadError(f"the OpenCLIP text encoder does not convert (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}); put the model's own .yaml beside it with the same name")
     return model

@@ -1,7 +1,8 @@
 """What `scripts/lora_train_tab.py` registers with the WebUI: the tab, its settings, the API routes.
 
 One `JobRunner` and one `Host` (picked once, for the WebUI this is) serve the tab and the API, so a job started
-in one is visible and stoppable from the other. Heavy modules (torch, gradio, the trainer) load only when a callback runs.
+in one is visible and stoppable from the other. Heavy modules (torch, gradio, the trainer) load only when a
+callback runs.
 """
 
 from __future__ import annotations
