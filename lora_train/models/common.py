@@ -1,10 +1,10 @@
-"""What the model adapters share: empty modules to load weights into, a frozen base, checkpointed blocks; each
-context manager undoes exactly what it did on exit."""
+"""What the model adapters share: empty modules to load weights into, where a held model runs, a frozen base, its
+own checkpointing switched off, checkpointed blocks; each context manager undoes exactly what it did on exit."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,43 @@ def empty_module(cls, **config) -> nn.Module:
     """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""
     with torch.device("meta"):
         return cls(**config)
+
+
+class HeldUNetPlacement:
+    """Where the UNet of a model a host holds computes, and in which dtype (`unet`, `_device` set by the adapter).
+
+    A host that moves modules in on call (the WebUI's --medvram) passes the device; else it is where the UNet is.
+    """
+
+    unet: nn.Module
+    _device: Optional[torch.device] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device or next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def checkpoint_blocks(unet: nn.Module) -> List[nn.Module]:
+    """The blocks of an ldm/sgm UNet that activation checkpointing wraps, in forward order."""
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module, flags: Sequence[str]) -> Iterator[None]:
+    """Sets every boolean attribute named in `flags` that is True on a module of the model to False for the
+    duration (a model's own gradient checkpointing); each restored afterwards."""
+    saved = [(m, name) for m in model.modules() for name in flags if getattr(m, name, None) is True]
+    try:
+        for module, name in saved:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name in saved:
+            setattr(module, name, True)
 
 
 @contextlib.contextmanager

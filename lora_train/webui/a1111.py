@@ -14,12 +14,13 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Set
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
 from .host import HostError, Verification
 
+_FUSED = re.compile(r"(.*)_([qkv]_proj)$")  # a q/k/v stem the built-in files under a fused attention
 JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
 
 
@@ -183,18 +184,40 @@ class A1111Host:
 
         with safe_open(str(path), "pt") as file:
             stems = sorted({key.split(".", 1)[0] for key in file.keys()})
-        model = self.sd_model()
-        mapping = model.network_layer_mapping
-        is_sd2 = "model_transformer_resblocks" in mapping
-        unmatched = [stem for stem in stems if not _placed(networks, mapping, stem, is_sd2)]
+        mapping = self.sd_model().network_layer_mapping
+        unmatched = _unplaced(networks, mapping, stems)
         loaded = networks.load_network(Path(path).stem, network.NetworkOnDisk(Path(path).stem, str(path)))
         return Verification(stems=len(stems), matched=len(loaded.modules), unmatched=unmatched)
 
 
-def _placed(networks, mapping, stem: str, is_sd2: bool) -> bool:
-    """Whether the built-in loader finds a module for the stem (its own name conversion, then q/k/v fusion)."""
+def _unplaced(networks, mapping, stems: List[str]) -> List[str]:
+    """The stems the built-in loader places nowhere, or on a fused attention it then leaves unchanged: it changes
+    a MultiheadAttention (SD2's and SDXL's OpenCLIP) only when the file has all of its q, k, v and out stems."""
+    is_sd2 = "model_transformer_resblocks" in mapping  # the built-in's own test (SDXL's names start "1_")
+    layers = {stem: _builtin_layer(networks, mapping, stem, is_sd2) for stem in stems}
+    fused: Dict[str, Set[str]] = {}
+    for stem, layer in layers.items():
+        match = _FUSED.match(layer or "")
+        if match and match.group(1) in mapping and layer not in mapping:
+            fused.setdefault(match.group(1), set()).add(match.group(2))
+    incomplete = {attention for attention, parts in fused.items()
+                  if parts != {"q_proj", "k_proj", "v_proj"} or f"{attention}_out_proj" not in layers.values()}
+    return [stem for stem, layer in layers.items()
+            if layer is None or any(layer.startswith(f"{attention}_") for attention in incomplete)]
+
+
+def _builtin_layer(networks, mapping, stem: str, is_sd2: bool) -> Optional[str]:
+    """The layer name the built-in loader files the stem under (A1111 1.10.1 networks.load_network), or None:
+    its name conversion, then the q/k/v fusion, then SDXL's compvis UNet and lora_te1 names."""
     key = networks.convert_diffusers_name_to_compvis(stem, is_sd2)
-    if key in mapping:
-        return True
-    fused = re.match(r"(.*)_([qkv]_proj)$", key)
-    return bool(fused) and fused.group(1) in mapping
+    fused = _FUSED.match(key)
+    if key in mapping or (fused and fused.group(1) in mapping):
+        return key
+    if "lora_unet" in stem:
+        candidates = [stem.replace("lora_unet", "diffusion_model")]
+    elif "lora_te1_text_model" in stem:
+        candidates = [stem.replace("lora_te1_text_model", name)
+                      for name in ("0_transformer_text_model", "transformer_text_model")]
+    else:
+        candidates = []
+    return next((candidate for candidate in candidates if candidate in mapping), None)
