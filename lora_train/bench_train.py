@@ -2,10 +2,11 @@
 
 One command runs, on the same model, images and settings, the loops of `lora_train.bench_loops` (floor, ours,
 reference; with `--fast` also ours with the fast-path settings, with `--compile` ours with torch.compile), each
-in a fresh process so that peak memory is per row, and prints ms/step (median after warm-up), it/s, peak memory
-and the ratios ours/floor and ours/reference.
+in a fresh process so that peak memory is per row, in interleaved rounds (`lora_train.bench_rounds`), and prints
+ms/step (median over the rounds of each round's median after warm-up) with its spread, it/s, peak memory, the
+ratios ours/floor and ours/reference taken within each round, and whether they hold to ±5 %.
 On the CPU the peak is the process's peak RSS (everything: Python, torch, weights, activations); on a GPU it is
-`torch.cuda.max_memory_allocated`. Timings are noisy on shared machines: the load average is printed with them.
+`torch.cuda.max_memory_allocated`. The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -18,46 +19,43 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
+from .bench_rounds import RowRounds, ratio, run_rounds, verdict
 from .tiny import build_tiny_checkpoint
 
 GIB = 1024 ** 3
 CHECKPOINTING = {False: "", True: ", gradient checkpointing"}
 
 
-def run_rows(settings: BenchSettings, names: List[str]) -> Dict[str, RowResult]:
-    """Runs each named loop in its own spawned process, one after the other."""
-    context = multiprocessing.get_context("spawn")
-    results = {}
-    for name in names:
-        with context.Pool(1) as pool:
-            results[name] = pool.apply(run_row, (name, settings))
-    return results
+def run_in_process(name: str, settings: BenchSettings) -> RowResult:
+    """Runs one loop in a fresh spawned process, so its peak memory is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_row, (name, settings))
 
 
-def format_table(results: Dict[str, RowResult], memory: str) -> str:
-    lines = [f"{'loop':<10} {'ms/step':>9} {'it/s':>7} {memory:>14}  {'vs floor':>8}  first/last loss"]
+def format_table(results: Dict[str, RowRounds], memory: str) -> str:
+    lines = [f"{'loop':<10} {'ms/step':>9} {'spread':>7} {'it/s':>7} {memory:>14}  {'vs floor':>8}  first/last loss"]
     floor = results["floor"]
     for name, row in results.items():
-        extra = f"  (first step {row.setup_seconds:.1f} s)" if row.setup_seconds else ""
-        lines.append(f"{name:<10} {row.median_ms:>9.1f} {1000 / row.median_ms:>7.2f} "
-                     f"{row.peak_bytes / GIB:>10.2f} GiB  {row.median_ms / floor.median_ms:>7.2f}x  "
-                     f"{row.losses[0]:.4f} / {row.losses[-1]:.4f}{extra}")
+        first = row.first
+        extra = f"  (first step {first.setup_seconds:.1f} s)" if first.setup_seconds else ""
+        lines.append(f"{name:<10} {row.median_ms:>9.1f} {row.spread:>6.1%} {1000 / row.median_ms:>7.2f} "
+                     f"{row.peak_bytes / GIB:>10.2f} GiB  {ratio(results, name, 'floor').median:>7.2f}x  "
+                     f"{first.losses[0]:.4f} / {first.losses[-1]:.4f}{extra}")
     return "\n".join(lines)
 
 
-def format_ratios(results: Dict[str, RowResult]) -> str:
-    ours, floor, reference = results["ours"], results["floor"], results["reference"]
-    lines = [f"ours/floor      time {ours.median_ms / floor.median_ms:.3f}  memory "
-             f"{ours.peak_bytes / floor.peak_bytes:.3f}",
-             f"ours/reference  time {ours.median_ms / reference.median_ms:.3f}  memory "
-             f"{ours.peak_bytes / reference.peak_bytes:.3f}"]
+def format_ratios(results: Dict[str, RowRounds]) -> str:
+    ours = results["ours"]
+    ratios = {"ours/floor": ratio(results, "ours", "floor"), "ours/reference": ratio(results, "ours", "reference")}
+    lines = [f"{label:<15} time {ratios[label].describe()}  memory "
+             f"{ours.peak_bytes / results[other].peak_bytes:.3f}"
+             for label, other in (("ours/floor", "floor"), ("ours/reference", "reference"))]
     for name in ("fast", "compiled"):
         if name in results:
-            row = results[name]
-            drift = max(abs(a - b) for a, b in zip(row.losses, ours.losses))
-            lines.append(f"{name + '/floor':<15} time {row.median_ms / floor.median_ms:.3f}  "
+            drift = max(abs(a - b) for a, b in zip(results[name].first.losses, ours.first.losses))
+            lines.append(f"{name + '/floor':<15} time {ratio(results, name, 'floor').describe()}  "
                          f"(max |loss {name} - loss ours| {drift:.2e})")
-    return "\n".join(lines)
+    return "\n".join(lines + [verdict(ratios)])
 
 
 def _load() -> str:
@@ -75,7 +73,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=0,
                         help="image side in pixels (latents are 1/8); default 512 on a GPU, 128 (sd15) or 64 "
                              "(otherwise) on the CPU")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop and round (median reported); "
+                        "raised after the first round where steps are short")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of interleaved rows (ratios per round)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
@@ -94,6 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     resolution = args.resolution or (512 if args.device.startswith("cuda") else 64 if args.model == "tiny" else 128)
     for name, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 1),
                              ("--batch-size", args.batch_size, 1), ("--rank", args.rank, 1),
+                             ("--rounds", args.rounds, 1),
                              ("--resolution", resolution, 64), ("--threads", args.threads, 0)):
         if value < low:
             raise ValueError(f"{name} {value} must be >= {low}")
@@ -119,16 +120,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"bench train: {settings.model} on {settings.device}, {settings.resolution}x{settings.resolution} px "
           f"({settings.resolution // 8}x{settings.resolution // 8} latents), batch {settings.batch_size}, rank "
           f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} "
-          f"steps after {settings.warmup}, "
+          f"or more steps after {settings.warmup} in each of {args.rounds} interleaved rounds, "
           f"{threads} threads, load average {_load()}")
     names = ["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
     if settings.model == "tiny":
         with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
             settings.model = str(build_tiny_checkpoint(Path(folder)))
-            results = run_rows(settings, names)
+            results = run_rounds(settings, names, args.rounds, run_in_process)
     else:
-        results = run_rows(settings, names)
-    print(f"UNet parameters: {results['floor'].parameters / 1e6:.1f}M")
+        results = run_rounds(settings, names, args.rounds, run_in_process)
+    print(f"UNet parameters: {results['floor'].first.parameters / 1e6:.1f}M")
     print(format_table(results, "peak VRAM" if settings.device.startswith("cuda") else "peak RSS"))
     print(format_ratios(results))
     print(f"load average after: {_load()}")

@@ -20,6 +20,7 @@ from typing import Dict
 import torch
 from safetensors.torch import save as save_bytes
 
+from . import __version__
 from .config import TrainConfig
 from .models.families import FAMILIES
 
@@ -37,7 +38,7 @@ def tensor_data_hash(data: bytes) -> str:
 
 
 def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epoch: int,
-                   comment: str = "") -> Dict[str, str]:
+                   comment: str = f"sd-webui-lora-train {__version__}") -> Dict[str, str]:
     """Training metadata as strings, kohya's keys, from what was built: a DiffusionModel, its LoRANetwork, a Dataset."""
     train, data, spec = config.training, config.data, network.spec
     metadata = {

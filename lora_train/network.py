@@ -1,12 +1,15 @@
-"""LoRA adapters (Linear and Conv2d/LoCon) named by kohya key stems, attached to a model by forward hooks.
+"""LoRA adapters (Linear, Conv2d/LoCon, fused attention) named by kohya key stems, attached to a model without
+changing it.
 
 For a frozen base layer W the adapter adds a low-rank update:
 
     y = W(x) + up(down(dropout(x))) * (alpha / rank) * multiplier
 
 `down` is kaiming-initialised and `up` is zero, so a fresh adapter changes nothing. Adapters never replace or
-modify the modules they adapt: `LoRANetwork.attach()` registers one forward hook per target and returns a
-handle whose `detach()` removes them, leaving the model bit-identical. The network's `state_dict()` is exactly
+modify the modules they adapt: `LoRANetwork.attach()` registers one forward hook per Linear/Conv2d target, and on
+a fused `nn.MultiheadAttention` (whose q/k/v/out are `FusedProjection` targets) an instance forward that applies
+them inside the attention (fused_attention.py); it returns a handle whose `detach()` removes them all, leaving
+the model bit-identical. The network's `state_dict()` is exactly
 the tensors of a kohya-format file: `<stem>.lora_down.weight`, `<stem>.lora_up.weight`, `<stem>.alpha`.
 """
 
@@ -20,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .targets import UNET_PREFIX
+from .fused_attention import FusedProjection, attach_fused_attention
+from .targets import UNET_PREFIX, Target
 
 
 def lora_delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,7 +47,8 @@ def _uniform_kaiming_(weight: torch.Tensor, generator: torch.Generator) -> None:
 
 
 class LoRAModule(nn.Module):
-    """One adapter for one base Linear or Conv2d; forward(x) returns the update to add to the base output."""
+    """One adapter for one base Linear, Conv2d or fused-attention projection; forward(x) returns the update to add
+    to the base output."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, generator: torch.Generator):
         super().__init__()
@@ -54,12 +59,12 @@ class LoRAModule(nn.Module):
                                        base.dilation, bias=False)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
             self._conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-        elif isinstance(base, nn.Linear):
+        elif isinstance(base, (nn.Linear, FusedProjection)):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
             self._conv_args = None
         else:
-            raise TypeError(f"LoRA adapts nn.Linear or nn.Conv2d, not {type(base).__name__}")
+            raise TypeError(f"LoRA adapts nn.Linear, nn.Conv2d or a FusedProjection, not {type(base).__name__}")
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank = rank
         self.scale = float(alpha) / rank
@@ -97,9 +102,9 @@ def _is_wide_conv(module: nn.Module) -> bool:
 
 
 class AttachHandle:
-    """Returned by LoRANetwork.attach(); detach() removes every hook it added."""
+    """Returned by LoRANetwork.attach(); detach() removes every hook and attention forward it added."""
 
-    def __init__(self, hooks: List[torch.utils.hooks.RemovableHandle]):
+    def __init__(self, hooks: List):  # each has remove(): a RemovableHandle or a FusedAttentionOverride
         self._hooks = hooks
 
     def detach(self) -> None:
@@ -115,7 +120,7 @@ class AttachHandle:
 class LoRANetwork(nn.Module):
     """Adapters for a set of target modules, keyed by kohya stem (lora_unet_..., lora_te_...)."""
 
-    def __init__(self, targets: Dict[str, nn.Module], spec: NetworkSpec):
+    def __init__(self, targets: Dict[str, Target], spec: NetworkSpec):
         super().__init__()
         generator = torch.Generator().manual_seed(spec.seed)
         adapters = {}
@@ -139,10 +144,23 @@ class LoRANetwork(nn.Module):
         return dict(self.named_children())
 
     def attach(self) -> AttachHandle:
-        """Hooks every adapter onto its base module; the base modules themselves are not changed."""
-        hooks = [self._targets[stem].register_forward_hook(self._hook(adapter))
-                 for stem, adapter in self.adapters.items()]
-        return AttachHandle(hooks)
+        """Hooks every adapter onto its base module, the four of a fused attention onto the attention together;
+        the base modules themselves are not changed."""
+        hooks, fused = [], {}
+        for stem, adapter in self.adapters.items():
+            target = self._targets[stem]
+            if isinstance(target, FusedProjection):
+                fused.setdefault(target.attention, {})[target.part] = adapter
+            else:
+                hooks.append(target.register_forward_hook(self._hook(adapter)))
+        handle = AttachHandle(hooks)
+        try:
+            for attention, adapters in fused.items():
+                hooks.append(attach_fused_attention(attention, adapters, lambda: self.multiplier))
+        except BaseException:
+            handle.detach()
+            raise
+        return handle
 
     def _hook(self, adapter: LoRAModule):
         def add_update(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -156,7 +174,7 @@ class LoRANetwork(nn.Module):
         return [{"params": unet, "lr": unet_lr}, {"params": text, "lr": text_encoder_lr}]
 
 
-def create_network(targets: Dict[str, nn.Module], spec: NetworkSpec,
+def create_network(targets: Dict[str, Target], spec: NetworkSpec,
                    device: Optional[torch.device] = None) -> LoRANetwork:
     """Builds fp32 adapters for the targets, on device, without touching any global RNG."""
     with torch.random.fork_rng(devices=[]):

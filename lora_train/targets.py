@@ -4,14 +4,20 @@ Targets are declarative: the children (Linear, Conv2d) of blocks whose class nam
 sd-scripts' `networks/lora.py` selects them. Stems are `<prefix>_<module path with . -> _>`. SD1/SD2 UNet stems
 use diffusers module paths, so a UNet held with compvis (ldm) names is renamed by `compvis_to_diffusers_path`,
 the inverse of the WebUI's `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py).
+
+An OpenCLIP text tower (SD2's text encoder, SDXL's second, as the WebUI holds them) is named by the HF CLIP paths
+kohya files use: resblock i's `attn` (a fused nn.MultiheadAttention) gives four `FusedProjection` targets
+`..._layers_{i}_self_attn_{q,k,v,out}_proj`, its `mlp.c_fc`/`mlp.c_proj` the Linears `..._mlp_fc1`/`_fc2`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, FrozenSet, Optional
+from typing import Callable, Dict, FrozenSet, Optional, Union
 
 from torch import nn
+
+from .fused_attention import FusedProjection
 
 # Transformer blocks of the UNet: proj_in/out, attn1/attn2 q/k/v/out, ff (ldm and diffusers class names).
 UNET_ATTENTION_BLOCKS = frozenset({"SpatialTransformer", "Transformer2DModel"})
@@ -20,8 +26,16 @@ UNET_CONV_BLOCKS = frozenset({"ResBlock", "Downsample", "Upsample", "ResnetBlock
 # CLIP text encoder layers as transformers holds them: q/k/v/out_proj and mlp fc1/fc2.
 TEXT_ENCODER_BLOCKS = frozenset({"CLIPAttention", "CLIPMLP"})
 
+# OpenCLIP resblock: kohya stem suffix -> (module path in the block, projection of a fused attention or None).
+OPEN_CLIP_LAYER_TARGETS = (
+    ("self_attn_q_proj", "attn", "q"), ("self_attn_k_proj", "attn", "k"), ("self_attn_v_proj", "attn", "v"),
+    ("self_attn_out_proj", "attn", "out"), ("mlp_fc1", "mlp.c_fc", None), ("mlp_fc2", "mlp.c_proj", None))
+
 UNET_PREFIX = "lora_unet"
-TEXT_ENCODER_PREFIX = "lora_te"
+TEXT_ENCODER_PREFIX = "lora_te"  # SD1/SD2's text encoder
+TEXT_ENCODER_2_PREFIX = "lora_te2"  # SDXL's second text encoder (OpenCLIP bigG)
+
+Target = Union[nn.Module, FusedProjection]  # what a stem adapts: a Linear, a Conv2d or a fused projection
 
 _RESNET_SUFFIX = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
                   "skip_connection": "conv_shortcut"}
@@ -46,6 +60,23 @@ def find_targets(root: nn.Module, blocks: FrozenSet[str], prefix: str,
                 path = f"{block_path}.{child_path}"
                 path = rename(path) if rename else path
                 targets[f"{prefix}_{path.replace('.', '_')}"] = child
+    return targets
+
+
+def find_open_clip_targets(text_model: nn.Module, prefix: str, layers: Optional[int] = None) -> Dict[str, Target]:
+    """Maps kohya stem -> target for the first `layers` resblocks (None: all) of an OpenCLIP text tower.
+
+    Args:
+        text_model: an open_clip CLIP (or TextTransformer): what holds `transformer.resblocks`.
+        prefix: "lora_te" (SD2) or "lora_te2" (SDXL's second text encoder).
+        layers: how many resblocks the conditioning runs (SD2's penultimate layer leaves the last one out).
+    """
+    targets: Dict[str, Target] = {}
+    for index, block in enumerate(list(text_model.transformer.resblocks)[:layers]):
+        for suffix, path, part in OPEN_CLIP_LAYER_TARGETS:
+            module = block.get_submodule(path)
+            targets[f"{prefix}_text_model_encoder_layers_{index}_{suffix}"] = (
+                FusedProjection(module, part) if part else module)
     return targets
 
 

@@ -76,8 +76,12 @@ def build_tiny_ldm(config: Dict[str, Any], seed: int) -> torch.nn.Module:
     from omegaconf import OmegaConf
 
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.create(config).model).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
+    return randomise_zero_weights(instantiate_from_config(OmegaConf.create(config).model).eval(), seed + 1)
+
+
+def randomise_zero_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every all-zero weight matrix or kernel drawn from N(0, 0.02^2) instead, from a generator seeded with seed."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() >= 2 and not parameter.any():

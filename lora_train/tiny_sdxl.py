@@ -25,7 +25,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .tiny import LDM_CONFIG
+from .tiny import LDM_CONFIG, randomise_zero_weights
 
 TE1_WIDTH, TE2_WIDTH, TE2_EMBED = 32, 64, 32  # SDXL: 768, 1280, 1280
 SIZE_EMBED = 256  # per number of a size/crop pair, as SDXL (ConcatTimestepEmbedderND outdim)
@@ -185,12 +185,7 @@ def build_tiny_sdxl(seed: int = 0) -> TinySdxl:
                                                  "target_size_as_tuple"))]
     vae_config = OmegaConf.create(copy.deepcopy(LDM_CONFIG["model"]["params"]["first_stage_config"]))
     model = TinySdxl(_unet(), Conditioner(embedders), instantiate_from_config(vae_config)).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2 and not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model
+    return randomise_zero_weights(model, seed + 1)
 
 
 def sdxl_alphas_cumprod(steps: int = 1000) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny SD1-topology checkpoint and a tiny SDXL built once per session, small image folders."""
+"""Shared fixtures: tiny SD1- and SD2-topology checkpoints and a tiny SDXL built once per session, and small
+image folders."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml  # noqa: E402
 
 from lora_train.cli_demo import make_sample_dataset  # noqa: E402
 from lora_train.tiny import build_tiny_checkpoint, build_tiny_ldm  # noqa: E402
+from tiny_sd2 import build_tiny_sd2_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_v_checkpoint(tmp_path_factory) -> Path:
     """The same topology, v-prediction."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("models-v"), name="tiny-sd1-v", v_prediction=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tmp_path_factory):
+    """(tiny-sd2-v.safetensors with its .yaml beside it, the ldm model it was saved from: not to be changed)."""
+    return build_tiny_sd2_checkpoint(tmp_path_factory.mktemp("sd2"))
 
 
 @pytest.fixture

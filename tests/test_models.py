@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import json
-
-import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lora_train.config import DataConfig, TrainConfig
 from lora_train.models import SizeInfo, TargetSpec
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
-from lora_train.tiny import LDM_CONFIG, build_tiny_ldm
+from tiny_sd2 import TEXT_BLOCKS, TEXT_HEADS
 
-OPEN_CLIP_ARCH = "ViT-tiny-lora-train-test"
-TEXT_WIDTH, TEXT_HEADS, TEXT_BLOCKS = 64, 2, 3
 PROMPT = "demo style, a red circle"
-
-
-@pytest.fixture(scope="module")
-def tiny_sd2_checkpoint(tmp_path_factory):
-    """An SD2-layout (OpenCLIP text encoder, linear proj, v-prediction) checkpoint with its .yaml beside it."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("sd2")
-    arch = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": TEXT_HEADS,
-                         "layers": TEXT_BLOCKS}}
-    (folder / f"{OPEN_CLIP_ARCH}.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(folder / f"{OPEN_CLIP_ARCH}.json")
-    config = copy.deepcopy(LDM_CONFIG)
-    params = config["model"]["params"]
-    params["parameterization"] = "v"
-    unet = params["unet_config"]["params"]
-    unet.pop("num_heads")
-    unet.update(num_head_channels=16, use_linear_in_transformer=True, context_dim=TEXT_WIDTH)
-    params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "params": {
-        "arch": OPEN_CLIP_ARCH, "version": None, "device": "cpu", "freeze": True, "layer": "penultimate"}}
-    model = build_tiny_ldm(config, seed=3)
-    path = folder / "tiny-sd2-v.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    path.with_suffix(".yaml").write_text(yaml.safe_dump(config))
-    return path, model
 
 
 def test_sd2_text_encoder_converts_from_its_weights_and_matches_ldm(tiny_sd2_checkpoint):

@@ -4,8 +4,6 @@ the text encoder through sgm's conditioner, the model given back exactly, and th
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ UNET_TARGETS = 11 * 12  # 11 transformers (input 4, 5, 7, 8, middle, output 0-5)
 TE1_LAYER_TARGETS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1",
                      "mlp_fc2")
 TE1_TARGETS = 2 * len(TE1_LAYER_TARGETS)  # 2 CLIP layers
+TE2_TARGETS = 3 * 6  # 3 OpenCLIP layers x q, k, v, out (of the fused attention), fc1, fc2
 
 
 @pytest.fixture
@@ -47,21 +46,24 @@ def webui_conditioning(shared, caption: str, side: int):
     return shared.sd_model.get_learned_conditioning(prompt_parser.SdConditioning([caption], width=side, height=side))
 
 
-def test_the_webuis_sdxl_is_adapted_by_sgm_with_kohya_sdxl_stems(webui, caplog):
+def test_the_webuis_sdxl_is_adapted_by_sgm_with_kohya_sdxl_stems(webui):
     model = sgm_model(webui)
     assert isinstance(model, SgmModel) and (model.family, model.prediction) == ("sdxl", "epsilon")
     assert model.size_conditioned and torch.equal(model.alphas_cumprod, webui.sd_model.alphas_cumprod)
-    with caplog.at_level(logging.WARNING):
-        targets = model.lora_targets(TargetSpec(text_encoder=True))
-    unet = {s: m for s, m in targets.items() if s.startswith("lora_unet_")}
-    te1 = {s: m for s, m in targets.items() if s.startswith("lora_te1_")}
-    assert (len(unet), len(te1), len(targets)) == (UNET_TARGETS, TE1_TARGETS, UNET_TARGETS + TE1_TARGETS)
-    sd_unet = webui.sd_model.model.diffusion_model
-    assert unet["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] is \
+    targets = model.lora_targets(TargetSpec(text_encoder=True))
+    parts = {part: {stem: target for stem, target in targets.items() if stem.startswith(f"lora_{part}_")}
+             for part in ("unet", "te1", "te2")}
+    assert {part: len(found) for part, found in parts.items()} == {
+        "unet": UNET_TARGETS, "te1": TE1_TARGETS, "te2": TE2_TARGETS}
+    assert len(targets) == UNET_TARGETS + TE1_TARGETS + TE2_TARGETS
+    sd_unet, embedders = webui.sd_model.model.diffusion_model, webui.sd_model.conditioner.embedders
+    assert parts["unet"]["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] is \
         sd_unet.input_blocks[4][1].transformer_blocks[0].attn1.to_q
-    assert te1["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] is \
-        webui.sd_model.conditioner.embedders[0].wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj
-    assert "second text encoder (OpenCLIP bigG)" in caplog.text, "TE2 is left out with a message that says so"
+    assert parts["te1"]["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] is \
+        embedders[0].wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    resblock = embedders[1].wrapped.model.transformer.resblocks[2]
+    assert parts["te2"]["lora_te2_text_model_encoder_layers_2_mlp_fc1"] is resblock.mlp.c_fc
+    assert parts["te2"]["lora_te2_text_model_encoder_layers_2_self_attn_k_proj"].attention is resblock.attn
     assert len(model.lora_targets(TargetSpec(text_encoder=False))) == UNET_TARGETS
 
 
@@ -109,23 +111,27 @@ def test_the_loss_equals_a_reference_computation(webui, sample_images, tmp_path,
     torch.testing.assert_close(loss, F.mse_loss(output, target))
 
 
-def test_gradients_reach_the_first_text_encoders_adapters_only_while_training_it(webui):
+def test_gradients_reach_both_text_encoders_adapters_only_while_training_them(webui):
     model = sgm_model(webui)
     embedders = webui.sd_model.conditioner.embedders
     network = create_network(model.lora_targets(TargetSpec(text_encoder=True)), NetworkSpec(rank=4, alpha=4))
     handle = network.attach()
     try:
         with model.training(gradient_checkpointing=False, text_encoder=False):
-            assert model.encode_prompts([CAPTION], [SizeInfo.square(64)]).crossattn.grad_fn is None
+            cond = model.encode_prompts([CAPTION], [SizeInfo.square(64)])
+            assert cond.crossattn.grad_fn is None and cond.vector.grad_fn is None
         with model.training(gradient_checkpointing=False, text_encoder=True):
-            assert embedders[0].is_trainable
+            assert [e.is_trainable for e in embedders[:2]] == [True, True]
             cond = model.encode_prompts([CAPTION], [SizeInfo.square(64)])
             model.predict(torch.randn(1, 4, 8, 8), torch.tensor([500]), cond).square().mean().backward()
     finally:
         handle.detach()
     assert [e.is_trainable for e in embedders] == [False] * len(embedders), "the flags are back"
-    te1_up = network.adapters["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"].lora_up.weight
-    assert te1_up.grad is not None and te1_up.grad.abs().sum() > 0
+    stems = ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_2_mlp_fc2",
+             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj")
+    for stem in stems:
+        up = network.adapters[stem].lora_up.weight
+        assert up.grad is not None and up.grad.abs().sum() > 0, stem
 
 
 def test_training_gives_the_model_back_bit_identical(webui, sample_images, tmp_path):
@@ -147,6 +153,7 @@ def test_training_gives_the_model_back_bit_identical(webui, sample_images, tmp_p
     unused = {f"lora_te1_text_model_encoder_layers_1_{layer}" for layer in TE1_LAYER_TARGETS}
     learned = {key.split(".")[0] for key, value in tensors.items() if key.endswith("lora_up.weight") and value.any()}
     assert learned == {key.split(".")[0] for key in tensors} - unused
+    assert any(stem.startswith("lora_te2_") for stem in learned)
     with safe_open(str(result.lora_path), "pt") as file:
         metadata = file.metadata()
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0" and metadata["ss_v2"] == "False"

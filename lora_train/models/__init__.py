@@ -50,7 +50,7 @@ class DiffusionModel(Protocol):
     unet: nn.Module  # the denoiser the adapters are trained on
 
     def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
-        """kohya key stem -> Linear/Conv2d (or fused attention) to adapt."""
+        """kohya key stem -> Linear/Conv2d, or a FusedProjection of a fused attention, to adapt."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] -> scaled latents [B,C,H/8,W/8]."""

@@ -4,6 +4,8 @@ The model is used in place: no copy, no conversion. `training()` freezes every b
 ldm's own gradient checkpointing (its reentrant `CheckpointFunction` only differentiates a block's own
 parameters, so adapters inside it would get no gradient), optionally wraps the UNet's blocks in PyTorch's
 non-reentrant checkpoint instead, and on exit restores every flag and attribute it touched.
+SD1's text encoder is a transformers CLIPTextModel, SD2's an OpenCLIP text tower with fused attention
+(ldm's FrozenOpenCLIPEmbedder); both are adapted under kohya's `lora_te_text_model_encoder_layers_*` stems.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import nn
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
 from .common import HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
-from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, compvis_to_diffusers_path,
-                       find_targets, unet_blocks)
+from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, compvis_to_diffusers_path,
+                       find_open_clip_targets, find_targets, unet_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,27 @@ def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
         if transformer is not None and hasattr(transformer, "text_model"):
             return transformer
     return None
+
+
+def _open_clip_embedder(cond_stage_model: nn.Module) -> Optional[nn.Module]:
+    """ldm's FrozenOpenCLIPEmbedder (its `.model` an open_clip CLIP), or the one inside the WebUI's wrapper."""
+    for holder in (cond_stage_model, getattr(cond_stage_model, "wrapped", None)):
+        model = getattr(holder, "model", None)
+        if hasattr(holder, "layer_idx") and hasattr(getattr(model, "transformer", None), "resblocks"):
+            return holder
+    return None
+
+
+def _text_encoder_targets(cond_stage_model: nn.Module, text_model: Optional[nn.Module]) -> Dict[str, Target]:
+    if text_model is not None:
+        return find_targets(text_model, TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX)
+    embedder = _open_clip_embedder(cond_stage_model)
+    if embedder is None:
+        logger.warning("the text encoder (%s) is neither CLIP nor OpenCLIP as ldm holds them; training the UNet "
+                       "only (set model.train_text_encoder: false to silence this)", type(cond_stage_model).__name__)
+        return {}
+    resblocks = embedder.model.transformer.resblocks  # the conditioning stops layer_idx blocks before the end
+    return find_open_clip_targets(embedder.model, TEXT_ENCODER_PREFIX, layers=len(resblocks) - embedder.layer_idx)
 
 
 class LdmModel(HeldUNetPlacement):
@@ -67,13 +90,10 @@ class LdmModel(HeldUNetPlacement):
                                  f"{unet.in_channels} input channels); load the base (non-inpainting) model")
         return cls(sd_model, name=held.name, device=held.device, clip_skip=held.clip_skip)
 
-    def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
+    def lora_targets(self, spec: TargetSpec) -> Dict[str, Target]:
         targets = find_targets(self.unet, unet_blocks(spec.conv), UNET_PREFIX, rename=compvis_to_diffusers_path)
-        if spec.text_encoder and self.text_model is not None:
-            targets.update(find_targets(self.text_model, TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX))
-        elif spec.text_encoder:
-            logger.warning("SD2's text encoder is held with fused attention and cannot be adapted here; "
-                           "training the UNet only (set model.train_text_encoder: false to silence this)")
+        if spec.text_encoder:
+            targets.update(_text_encoder_targets(self.sd_model.cond_stage_model, self.text_model))
         return targets
 
     @torch.no_grad()

@@ -16,7 +16,6 @@ optionally checkpoints the UNet's blocks with PyTorch's non-reentrant checkpoint
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,19 +24,16 @@ from torch import nn
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
 from .common import HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
-from ..targets import TEXT_ENCODER_BLOCKS, UNET_PREFIX, find_targets, unet_blocks
+from ..targets import (TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, Target, find_open_clip_targets,
+                       find_targets, unet_blocks)
 
-logger = logging.getLogger(__name__)
-
-TE1_PREFIX, TE2_PREFIX = "lora_te1", "lora_te2"
+TE1_PREFIX = "lora_te1"  # SDXL's first text encoder (CLIP ViT-L)
 # sgm's own checkpoint switches (ResBlock/UNet use_checkpoint, BasicTransformerBlock checkpoint) and open_clip's
 # Transformer.grad_checkpointing: all reentrant, which gives adapters inside a block no gradient.
 _SGM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "grad_checkpointing")
 # The conditioner's batch keys of SDXL's size/crop embedders, with the SizeInfo field each one encodes.
 _SIZE_KEYS = (("original_size_as_tuple", "original"), ("crop_coords_top_left", "crop_top_left"),
               ("target_size_as_tuple", "target"))
-_TE2_LEFT_OUT = ("SDXL's second text encoder (OpenCLIP bigG) is held with fused attention, which cannot be adapted "
-                 "yet; training the UNet and the first text encoder only")
 
 
 def _unwrapped(embedder: nn.Module) -> nn.Module:
@@ -105,16 +101,18 @@ class SgmModel(HeldUNetPlacement):
                                  "OpenCLIP bigG); load an SDXL base model")
         return cls(sd_model, name=held.name, device=held.device, clip_skip=held.clip_skip)
 
-    def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
+    def lora_targets(self, spec: TargetSpec) -> Dict[str, Target]:
+        """Every layer of both text encoders, as kohya's SDXL files have them: TE1's conditioning is a hidden state
+        before its last layer, but OpenCLIP's pooled output, part of the vector, runs through all of TE2's."""
         targets = find_targets(self.unet, unet_blocks(spec.conv), UNET_PREFIX)
         if spec.text_encoder:
             targets.update(find_targets(self.text_model, TEXT_ENCODER_BLOCKS, TE1_PREFIX))
-            logger.warning(_TE2_LEFT_OUT)
+            targets.update(find_open_clip_targets(self.open_clip_model, TEXT_ENCODER_2_PREFIX))
         return targets
 
-    def _adapted_embedders(self) -> List[nn.Module]:
-        """The conditioner's embedders whose text encoder `lora_targets` adapts (the first one)."""
-        return [self.conditioner.embedders[0]]
+    def _text_embedders(self) -> List[nn.Module]:
+        """The conditioner's embedders of the two text encoders (the WebUI's wrappers, when it wrapped them)."""
+        return list(self.conditioner.embedders)[:2]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -147,7 +145,7 @@ class SgmModel(HeldUNetPlacement):
             stack.enter_context(frozen(self.sd_model))
             stack.enter_context(switched_off(self.sd_model, _SGM_CHECKPOINT_FLAGS))
             if text_encoder:
-                stack.enter_context(_trainable(self._adapted_embedders()))
+                stack.enter_context(_trainable(self._text_embedders()))
             if gradient_checkpointing:
                 stack.enter_context(checkpointed(checkpoint_blocks(self.unet)))
             yield

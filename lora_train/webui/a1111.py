@@ -14,13 +14,12 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Iterator, Optional, Set
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
 from .host import HostError, Verification
 
-_FUSED = re.compile(r"(.*)_([qkv]_proj)$")  # a q/k/v stem the built-in files under a fused attention
 JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
 
 
@@ -185,33 +184,41 @@ class A1111Host:
         with safe_open(str(path), "pt") as file:
             stems = sorted({key.split(".", 1)[0] for key in file.keys()})
         mapping = self.sd_model().network_layer_mapping
-        unmatched = _unplaced(networks, mapping, stems)
+        is_sd2 = "model_transformer_resblocks" in mapping  # the built-in's own test (SDXL's names start "1_")
+        keys = {stem: _builtin_key(networks, mapping, stem, is_sd2) for stem in stems}
+        placeable = set(keys.values())
+        unmatched = [stem for stem, key in keys.items() if not _placed(mapping, key, placeable)]
         loaded = networks.load_network(Path(path).stem, network.NetworkOnDisk(Path(path).stem, str(path)))
         return Verification(stems=len(stems), matched=len(loaded.modules), unmatched=unmatched)
 
 
-def _unplaced(networks, mapping, stems: List[str]) -> List[str]:
-    """The stems the built-in loader places nowhere, or on a fused attention it then leaves unchanged: it changes
-    a MultiheadAttention (SD2's and SDXL's OpenCLIP) only when the file has all of its q, k, v and out stems."""
-    is_sd2 = "model_transformer_resblocks" in mapping  # the built-in's own test (SDXL's names start "1_")
-    layers = {stem: _builtin_layer(networks, mapping, stem, is_sd2) for stem in stems}
-    fused: Dict[str, Set[str]] = {}
-    for stem, layer in layers.items():
-        match = _FUSED.match(layer or "")
-        if match and match.group(1) in mapping and layer not in mapping:
-            fused.setdefault(match.group(1), set()).add(match.group(2))
-    incomplete = {attention for attention, parts in fused.items()
-                  if parts != {"q_proj", "k_proj", "v_proj"} or f"{attention}_out_proj" not in layers.values()}
-    return [stem for stem, layer in layers.items()
-            if layer is None or any(layer.startswith(f"{attention}_") for attention in incomplete)]
+_PROJECTION = re.compile(r"(.*)_(q|k|v|out)_proj")
+_FUSED_PROJECTIONS = ("q", "k", "v", "out")
 
 
-def _builtin_layer(networks, mapping, stem: str, is_sd2: bool) -> Optional[str]:
-    """The layer name the built-in loader files the stem under (A1111 1.10.1 networks.load_network), or None:
-    its name conversion, then the q/k/v fusion, then SDXL's compvis UNet and lora_te1 names."""
+def _placed(mapping, key: str, keys: Set[str]) -> bool:
+    """Whether the built-in loader places a layer name (from its own conversion of a stem) on the model.
+
+    A layer of the model is placed; a q/k/v projection is placed on the layer that holds it fused; a
+    `nn.MultiheadAttention`'s q, k, v and out are merged together or not at all, so only when the file (`keys`)
+    has all four of them.
+    """
+    import torch
+
+    projection = _PROJECTION.fullmatch(key)
+    holder = mapping.get(projection.group(1)) if projection else None
+    if isinstance(holder, torch.nn.MultiheadAttention):
+        return all(f"{projection.group(1)}_{part}_proj" in keys for part in _FUSED_PROJECTIONS)
+    return key in mapping or (holder is not None and projection.group(2) != "out")
+
+
+def _builtin_key(networks, mapping, stem: str, is_sd2: bool) -> str:
+    """The layer name the built-in loader files the stem under (A1111 1.10.1 networks.load_network): its name
+    conversion when that names a layer or, for q/k/v, a layer holding them fused; else SDXL's compvis UNet and
+    lora_te1 names, when one of those names a layer."""
     key = networks.convert_diffusers_name_to_compvis(stem, is_sd2)
-    fused = _FUSED.match(key)
-    if key in mapping or (fused and fused.group(1) in mapping):
+    projection = _PROJECTION.fullmatch(key)
+    if key in mapping or (projection and projection.group(2) != "out" and projection.group(1) in mapping):
         return key
     if "lora_unet" in stem:
         candidates = [stem.replace("lora_unet", "diffusion_model")]
@@ -220,4 +227,4 @@ def _builtin_layer(networks, mapping, stem: str, is_sd2: bool) -> Optional[str]:
                       for name in ("0_transformer_text_model", "transformer_text_model")]
     else:
         candidates = []
-    return next((candidate for candidate in candidates if candidate in mapping), None)
+    return next((candidate for candidate in candidates if candidate in mapping), key)

@@ -15,8 +15,10 @@ shared_state, shared_cmd_options + cmd_args + script_loading (flags, preloads), 
 fifo_lock (queue_lock), progress (task queue, progressapi), processing (txt2img through the loaded model),
 prompt_parser (SdConditioning), sd_models, sd_models_xl, sd_hijack_clip (SDXL's text-encoder wrappers), devices,
 options, script_callbacks, infotext_utils; extensions-builtin/Lora: preload, network, network_lora, networks.
-Not reproduced: fp16 weights, the hijack's wrapper around SD1's text encoder and its token embeddings, the
-built-in's patched torch-layer forwards, `<lora:...>` in prompts, merging into MultiheadAttention.
+Not reproduced: fp16 weights, the hijack's wrapper around SD1's and SD2's text encoder and the text encoders' token
+embeddings, the built-in's patched torch-layer forwards, `<lora:...>` in prompts. SD2 is an ldm model whose text
+encoder is ldm's FrozenOpenCLIPEmbedder itself (its `nn.MultiheadAttention` layers merge LoRAs as the built-in
+does).
 
 Helpers: `ProbeHost` (the real A1111Host, recording progress reports and pausing a job at a step),
 `queue_lock_held`, `train_values`, `load_tiny_ldm`.
@@ -85,7 +87,7 @@ def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequenc
 def load_model(shared, sd_model: torch.nn.Module) -> None:
     """What A1111's sd_models.load_model leaves on the model, then the built-in Lora's model-loaded callback.
 
-    The WebUI does not freeze the UNet, and the text encoders' token embeddings (replaced by the hijack) are in
+    The WebUI does not freeze the UNet, and the CLIP text encoders' token embeddings (replaced by the hijack) are in
     training mode: both are set here so that a job must restore them exactly.
     """
     from modules import paths_internal, sd_models
@@ -93,7 +95,8 @@ def load_model(shared, sd_model: torch.nn.Module) -> None:
     import networks
 
     sdxl = hasattr(sd_model, "conditioner")
-    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = not sdxl, False, sdxl
+    is_sd1 = not sdxl and hasattr(sd_model.cond_stage_model, "transformer")  # SD2's is OpenCLIP: `.model`
+    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = is_sd1, not (sdxl or is_sd1), sdxl
     sd_model.sd_checkpoint_info = sd_models.CheckpointInfo(
         os.path.join(paths_internal.models_path, "Stable-diffusion", SDXL_CHECKPOINT if sdxl else CHECKPOINT))
     sd_model.sd_model_checkpoint = sd_model.sd_checkpoint_info.filename
@@ -101,7 +104,7 @@ def load_model(shared, sd_model: torch.nn.Module) -> None:
         parameter.requires_grad_(True)
     if sdxl:
         _load_sdxl(sd_model)
-    else:
+    elif is_sd1:
         sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding.train()
     shared.sd_model = sd_model
     networks.assign_network_names_to_compvis_modules(sd_model)

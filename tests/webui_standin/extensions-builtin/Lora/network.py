@@ -11,8 +11,6 @@ import logging
 import os
 from collections import namedtuple
 
-import torch.nn as nn
-
 NetworkWeights = namedtuple('NetworkWeights', ['network_key', 'sd_key', 'w', 'sd_module'])
 
 
@@ -81,10 +79,8 @@ class NetworkModule:
         self.sd_module = weights.sd_module
         if hasattr(self.sd_module, 'weight'):
             self.shape = self.sd_module.weight.shape
-        elif isinstance(self.sd_module, nn.MultiheadAttention):  # q, k, v and out all have out_proj's shape
+        else:  # nn.MultiheadAttention: q, k, v and out all have out_proj's shape
             self.shape = self.sd_module.out_proj.weight.shape
-        else:
-            self.shape = None
         self.dim = None
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
         self.scale = weights.w["scale"].item() if "scale" in weights.w else None

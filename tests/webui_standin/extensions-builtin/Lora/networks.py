@@ -17,7 +17,11 @@ Importable as the top-level `networks`, as in the WebUI. Behaviour kept from A11
   "lora_te1" fallbacks); unmatched keys are only logged at debug level.
 - The built-in merges the prompt's LoRAs into the weights (`network_apply_weights`) keeping a backup, and
   leaves them merged until a later generation; `network_restore_weights_from_backup` and
-  `network_reset_cached_weight` undo that per layer. Forward patching of torch layers is not reproduced.
+  `network_reset_cached_weight` undo that per layer. On a `nn.MultiheadAttention` (SD2's OpenCLIP layer
+  `model_transformer_resblocks_0_attn`) the file's `..._attn_q_proj/_k_proj/_v_proj` (matched to the attention
+  by the q/k/v fusion) and `..._attn_out_proj` are merged together into the thirds of `in_proj_weight` and into
+  `out_proj.weight`, and only when all four are there; the backup holds both weights and `out_proj.bias`.
+  Forward patching of torch layers is not reproduced.
 """
 
 from __future__ import annotations
@@ -170,9 +174,13 @@ def network_restore_weights_from_backup(self):
     bias_backup = getattr(self, "network_bias_backup", None)
     if weights_backup is None and bias_backup is None:
         return
-    if weights_backup is not None:
+    attention = isinstance(self, torch.nn.MultiheadAttention)
+    if weights_backup is not None and attention:
+        restore_weights_backup(self, 'in_proj_weight', weights_backup[0])
+        restore_weights_backup(self.out_proj, 'weight', weights_backup[1])
+    elif weights_backup is not None:
         restore_weights_backup(self, 'weight', weights_backup)
-    restore_weights_backup(self, 'bias', bias_backup)
+    restore_weights_backup(self.out_proj if attention else self, 'bias', bias_backup)
 
 
 def network_reset_cached_weight(self):
@@ -182,25 +190,41 @@ def network_reset_cached_weight(self):
 
 
 def network_apply_weights(self):
-    """Merges the loaded networks into this layer's weight (Linear/Conv2d), backing the weights up first."""
+    """Merges the loaded networks into this layer's weights (Linear/Conv2d/MultiheadAttention), backing them up."""
     layer_name = getattr(self, 'network_layer_name', None)
-    if layer_name is None or not isinstance(self, (torch.nn.Linear, torch.nn.Conv2d)):
+    attention = isinstance(self, torch.nn.MultiheadAttention)
+    if layer_name is None or not isinstance(self, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.MultiheadAttention)):
         return
     current = getattr(self, "network_current_names", ())
     wanted = tuple((net.name, net.te_multiplier, net.unet_multiplier, net.dyn_dim) for net in loaded_networks)
     if getattr(self, "network_weights_backup", None) is None and wanted != ():
-        self.network_weights_backup = store_weights_backup(self.weight)
-        self.network_bias_backup = store_weights_backup(self.bias)
+        self.network_weights_backup = ((store_weights_backup(self.in_proj_weight),
+                                        store_weights_backup(self.out_proj.weight)) if attention
+                                       else store_weights_backup(self.weight))
+        self.network_bias_backup = store_weights_backup(self.out_proj.bias if attention else self.bias)
     if current == wanted:
         return
     with torch.no_grad():
         network_restore_weights_from_backup(self)
         for net in loaded_networks:
             module = net.modules.get(layer_name)
-            if module is not None:
+            if module is not None and hasattr(self, 'weight'):
                 updown, _ = module.calc_updown(self.weight)
                 self.weight.copy_(self.weight + updown.to(self.weight.dtype))
+            elif attention:
+                _apply_attention_weights(self, net, layer_name)
     self.network_current_names = wanted
+
+
+def _apply_attention_weights(self, net, layer_name):
+    """q/k/v into the thirds of in_proj_weight and out into out_proj.weight: all four, or none."""
+    parts = [net.modules.get(f"{layer_name}_{part}") for part in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    if not all(parts):
+        return
+    thirds = self.in_proj_weight.chunk(3, 0)
+    updown_qkv = torch.vstack([module.calc_updown(weight)[0] for module, weight in zip(parts[:3], thirds)])
+    self.in_proj_weight += updown_qkv
+    self.out_proj.weight += parts[3].calc_updown(self.out_proj.weight)[0]
 
 
 def list_available_networks():
