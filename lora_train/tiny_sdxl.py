@@ -16,6 +16,7 @@ names), the encoders are transformers' and open_clip's own, and the conditioner 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -102,7 +103,8 @@ class SizeEmbedder(nn.Module):
 class Conditioner(nn.Module):
     """sgm's GeneralConditioner: 3-D outputs -> "crossattn" (joined on dim 2), 2-D -> "vector" (dim 1).
 
-    Embedders that are not `is_trainable` run without gradient, as in sgm.
+    Embedders that are not `is_trainable` run without gradient, and the outputs of embedders whose input key is in
+    `force_zero_embeddings` are zeros, as in sgm.
     """
 
     def __init__(self, embedders: List[nn.Module]):
@@ -112,9 +114,11 @@ class Conditioner(nn.Module):
     def forward(self, batch: Dict, force_zero_embeddings=None) -> Dict[str, torch.Tensor]:
         output: Dict[str, List[torch.Tensor]] = {"crossattn": [], "vector": []}
         for embedder in self.embedders:
-            with torch.enable_grad() if embedder.is_trainable else torch.no_grad():
+            with contextlib.nullcontext() if embedder.is_trainable else torch.no_grad():
                 out = embedder(batch[embedder.input_key])
             for emb in out if isinstance(out, (list, tuple)) else [out]:
+                if embedder.input_key in (force_zero_embeddings or []):
+                    emb = torch.zeros_like(emb)
                 output["crossattn" if emb.dim() == 3 else "vector"].append(emb)
         return {"crossattn": torch.cat(output["crossattn"], 2), "vector": torch.cat(output["vector"], 1)}
 

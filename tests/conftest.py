@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny SD1- and SD2-topology checkpoints built once per session, and small image folders."""
+"""Shared fixtures: tiny SD1- and SD2-topology checkpoints and a tiny SDXL built once per session, and small
+image folders."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,3 +51,16 @@ def tiny_ldm(tiny_checkpoint):
 @pytest.fixture
 def sample_images(tmp_path) -> Path:
     return make_sample_dataset(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def _pristine_tiny_sdxl():
+    from lora_train.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(seed=0)
+
+
+@pytest.fixture
+def tiny_sdxl(_pristine_tiny_sdxl):
+    """A fresh copy of the tiny SDXL (sgm layout) for each test, as built: not yet as the WebUI holds it."""
+    return copy.deepcopy(_pristine_tiny_sdxl)

@@ -133,4 +133,4 @@ def test_cli_refuses_a_file_that_is_not_a_checkpoint(folder, capsys):
     Image.new("RGB", (64, 64)).save(folder / "images" / "a.png")
     (folder / "run.yaml").write_text(yaml.safe_dump(valid(folder)))
     assert main(["train", "--config", str(folder / "run.yaml")]) == 2
-    assert "not a Stable Diffusion 1.x/2.x checkpoint" in capsys.readouterr().err
+    assert "not a Stable Diffusion base model (no text-encoder weights; a LoRA" in capsys.readouterr().err

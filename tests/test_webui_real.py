@@ -1,9 +1,11 @@
 """Against a real, running AUTOMATIC1111 WebUI with this extension installed (see README, "Testing in a real
 WebUI"): caption through the API with a local tiny BLIP, tag with a tiny WD14 tagger, train the loaded
 checkpoint, and check the LoRA lands in models/Lora, is listed, changes txt2img, matches every layer, and leaves
-the host model as it was.
+the host model as it was. With an SDXL checkpoint loaded (the harness's tiny-sdxl), the SDXL case trains the UNet
+and both text encoders instead.
 
-Skipped unless SD_WEBUI_DIR names the WebUI folder; the server must listen on 127.0.0.1:$A1111_PORT (7860).
+Skipped unless SD_WEBUI_DIR names the WebUI folder; the server must listen on 127.0.0.1:$A1111_PORT (7860). The
+Lora loader's "didn't match keys" lines are looked for in $A1111_LOG (default: the harness's API-mode log).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.skipif(not WEBUI, reason="SD_WEBUI_DIR is not set: no r
 BASE = f"http://127.0.0.1:{os.environ.get('A1111_PORT', '7860')}"
 NAME = "lora_train_real_test"
 TXT2IMG = {"steps": 3, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 5}
+LOG = Path(os.environ.get("A1111_LOG") or Path(WEBUI or ".").parent / "logs" / "server-api.log")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,22 @@ def client():
         except httpx.HTTPError as error:
             pytest.fail(f"no WebUI answering at {BASE} ({error}); start it with the extension installed")
         yield session
+
+
+@pytest.fixture(scope="module")
+def sdxl(client) -> bool:
+    """Whether the WebUI holds an SDXL checkpoint (the harness test extension's state, else the model list)."""
+    state = client.get("/harness/state")
+    if state.status_code == 200:
+        return state.json().get("is_sdxl") == "True"
+    options = client.get("/sdapi/v1/options").json()
+    return "xl" in str(options.get("sd_model_checkpoint", "")).lower()
+
+
+@pytest.fixture
+def sd1(sdxl):
+    if sdxl:
+        pytest.skip("an SD1 case: the WebUI holds an SDXL checkpoint")
 
 
 def wait(client, job_id: str) -> dict:
@@ -63,7 +82,7 @@ def dataset(tmp_path_factory) -> Path:
     return make_sample_dataset(tmp_path_factory.mktemp("real") / "images", captions=False)
 
 
-def test_caption_then_train_then_use_the_lora(client, dataset, tmp_path):
+def test_caption_then_train_then_use_the_lora(client, sd1, dataset, tmp_path):
     from lora_train.bench_caption import build_tiny_blip
 
     blip = build_tiny_blip(tmp_path / "tiny-blip")
@@ -132,7 +151,7 @@ def test_bad_requests_get_clear_errors(client):
     assert client.get("/lora-train/v1/jobs/nope").status_code == 404
 
 
-def test_text_encoder_adapters_load_in_the_webui_too(client, tmp_path):
+def test_text_encoder_adapters_load_in_the_webui_too(client, sd1, tmp_path):
     from lora_train.cli_demo import make_sample_dataset
 
     images = make_sample_dataset(tmp_path / "captioned")
@@ -149,3 +168,43 @@ def test_text_encoder_adapters_load_in_the_webui_too(client, tmp_path):
     print(f"\nUNet + text encoder: verification {verification}")
     assert verification["unmatched"] == [] and verification["matched"] == verification["stems"]
     assert any(stem for stem in range(verification["stems"])) and verification["stems"] > 192
+
+
+def unmatched_lines(name: str) -> list:
+    """The Lora loader's DEBUG lines about keys of the file `name` it did not match."""
+    lines = LOG.read_text(errors="replace").splitlines()
+    assert any(" DEBUG [" in line for line in lines), f"{LOG} has no DEBUG lines: start with SD_WEBUI_LOG_LEVEL=DEBUG"
+    return [line for line in lines if "didn't match keys" in line and f"{name}.safetensors" in line]
+
+
+def test_sdxl_unet_and_both_text_encoders_train_and_load(client, sdxl, tmp_path):
+    from lora_train.cli_demo import make_sample_dataset
+    from safetensors import safe_open
+
+    if not sdxl:
+        pytest.skip("an SDXL case: start the WebUI with the tiny-sdxl checkpoint")
+    name = f"{NAME}_sdxl"
+    before_image, before_model = image_hash(client, "a red circle"), fingerprint(client)
+    config = {"data": {"train_data_dir": str(make_sample_dataset(tmp_path / "images")), "resolution": 64,
+                       "min_bucket_reso": 64, "max_bucket_reso": 128},
+              "model": {"lora_rank": 4, "alpha": 4, "train_text_encoder": True},
+              "training": {"batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-3},
+              "output": {"output_name": name, "overwrite": True}}
+    started = client.post("/lora-train/v1/train", json={"config": config})
+    assert started.status_code == 200, started.text
+    trained = wait(client, started.json()["job_id"])
+    assert trained["state"] == "done", trained
+    verification = trained["report"]["verification"]
+    with safe_open(trained["output"], "pt") as file:
+        metadata, stems = file.metadata(), {key.split(".")[0] for key in file.keys()}
+    parts = {part: sum(stem.startswith(f"lora_{part}_") for stem in stems) for part in ("unet", "te1", "te2")}
+    print(f"\nSDXL UNet + text encoders: {trained['step']} steps in {trained['report']['seconds']} s; "
+          f"verification {verification}; stems {parts}")
+    assert verification["unmatched"] == [] and verification["matched"] == verification["stems"] == len(stems)
+    assert parts["unet"] > 0 and parts["te1"] > 0 and parts["te2"] > 0
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+    assert image_hash(client, "a red circle") == before_image, "no-LoRA txt2img is bit-identical after training"
+    assert fingerprint(client) == before_model and before_model, "the harness fingerprint is unchanged"
+    assert image_hash(client, f"a red circle <lora:{name}:1>") != before_image, "the LoRA changes the image"
+    assert unmatched_lines(name) == [], "the WebUI's loader placed every key"

@@ -14,9 +14,11 @@ from torch import nn
 from . import DiffusionModel, HeldModel, ModelLoadError
 from .families import SUPPORTED
 from .ldm import LdmModel
+from .sgm import SgmModel
 
 Adapter = Callable[[nn.Module, HeldModel], Optional[DiffusionModel]]
-ADAPTERS: Tuple[Adapter, ...] = (LdmModel.adapt,)
+# SDXL first: the WebUI's SDXL model also has the cond_stage_model and get_learned_conditioning that mark ldm's
+ADAPTERS: Tuple[Adapter, ...] = (SgmModel.adapt, LdmModel.adapt)
 
 
 def adapt(module: nn.Module, held: HeldModel) -> DiffusionModel:

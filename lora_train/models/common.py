@@ -1,10 +1,11 @@
-"""What the model adapters share: empty modules to load weights into, the SD noise schedule, a frozen base,
-checkpointed blocks; each context manager undoes exactly what it did on exit."""
+"""What the model adapters share: empty modules to load weights into, the SD noise schedule, where a held model
+runs, a frozen base, its own checkpointing switched off, checkpointed blocks; each context manager undoes exactly
+what it did on exit."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +37,43 @@ def scaled_linear_alphas_cumprod(start: float = 0.00085, end: float = 0.012, ste
     """alpha_bar_t of SD's DDPM schedule: betas linear in sqrt between start and end (SD1/SD2/SDXL defaults)."""
     betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0).float()
+
+
+class HeldUNetPlacement:
+    """Where the UNet of a model a host holds computes, and in which dtype (`unet`, `_device` set by the adapter).
+
+    A host that moves modules in on call (the WebUI's --medvram) passes the device; else it is where the UNet is.
+    """
+
+    unet: nn.Module
+    _device: Optional[torch.device] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device or next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def checkpoint_blocks(unet: nn.Module) -> List[nn.Module]:
+    """The blocks of an ldm/sgm UNet that activation checkpointing wraps, in forward order."""
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module, flags: Sequence[str]) -> Iterator[None]:
+    """Sets every boolean attribute named in `flags` that is True on a module of the model to False for the
+    duration (a model's own gradient checkpointing); each restored afterwards."""
+    saved = [(m, name) for m in model.modules() for name in flags if getattr(m, name, None) is True]
+    try:
+        for module, name in saved:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name in saved:
+            setattr(module, name, True)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import checkpointed, frozen
+from .common import HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, compvis_to_diffusers_path,
                        find_open_clip_targets, find_targets, unet_blocks)
@@ -59,7 +59,7 @@ def _text_encoder_targets(cond_stage_model: nn.Module, text_model: Optional[nn.M
     return find_open_clip_targets(embedder.model, TEXT_ENCODER_PREFIX, layers=len(resblocks) - embedder.layer_idx)
 
 
-class LdmModel:
+class LdmModel(HeldUNetPlacement):
     """DiffusionModel over an ldm LatentDiffusion (SD1 or SD2)."""
 
     size_conditioned = False  # the conditioning depends on the caption only
@@ -90,14 +90,6 @@ class LdmModel:
                                  f"{unet.in_channels} input channels); load the base (non-inpainting) model")
         return cls(sd_model, name=held.name, device=held.device, clip_skip=held.clip_skip)
 
-    @property
-    def device(self) -> torch.device:
-        return self._device or next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
     def lora_targets(self, spec: TargetSpec) -> Dict[str, Target]:
         targets = find_targets(self.unet, unet_blocks(spec.conv), UNET_PREFIX, rename=compvis_to_diffusers_path)
         if spec.text_encoder:
@@ -124,24 +116,8 @@ class LdmModel:
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.sd_model))
-            stack.enter_context(_ldm_checkpointing_off(self.unet))
+            stack.enter_context(switched_off(self.unet, _LDM_CHECKPOINT_FLAGS))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed(_unet_blocks(self.unet)))
+                stack.enter_context(checkpointed(checkpoint_blocks(self.unet)))
             yield
 
-
-def _unet_blocks(unet: nn.Module) -> List[nn.Module]:
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-
-
-@contextlib.contextmanager
-def _ldm_checkpointing_off(unet: nn.Module) -> Iterator[None]:
-    saved = [(m, name, getattr(m, name)) for m in unet.modules() for name in _LDM_CHECKPOINT_FLAGS
-             if isinstance(getattr(m, name, None), bool) and getattr(m, name)]
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, False)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)

@@ -194,8 +194,8 @@ class A1111Host:
         with safe_open(str(path), "pt") as file:
             stems = sorted({key.split(".", 1)[0] for key in file.keys()})
         mapping = self.sd_model().network_layer_mapping
-        is_sd2 = "model_transformer_resblocks" in mapping
-        keys = {stem: networks.convert_diffusers_name_to_compvis(stem, is_sd2) for stem in stems}
+        is_sd2 = "model_transformer_resblocks" in mapping  # the built-in's own test (SDXL's names start "1_")
+        keys = {stem: _builtin_key(networks, mapping, stem, is_sd2) for stem in stems}
         placeable = set(keys.values())
         unmatched = [stem for stem, key in keys.items() if not _placed(mapping, key, placeable)]
         loaded = networks.load_network(Path(path).stem, network.NetworkOnDisk(Path(path).stem, str(path)))
@@ -220,3 +220,21 @@ def _placed(mapping, key: str, keys: Set[str]) -> bool:
     if isinstance(holder, torch.nn.MultiheadAttention):
         return all(f"{projection.group(1)}_{part}_proj" in keys for part in _FUSED_PROJECTIONS)
     return key in mapping or (holder is not None and projection.group(2) != "out")
+
+
+def _builtin_key(networks, mapping, stem: str, is_sd2: bool) -> str:
+    """The layer name the built-in loader files the stem under (A1111 1.10.1 networks.load_network): its name
+    conversion when that names a layer or, for q/k/v, a layer holding them fused; else SDXL's compvis UNet and
+    lora_te1 names, when one of those names a layer."""
+    key = networks.convert_diffusers_name_to_compvis(stem, is_sd2)
+    projection = _PROJECTION.fullmatch(key)
+    if key in mapping or (projection and projection.group(2) != "out" and projection.group(1) in mapping):
+        return key
+    if "lora_unet" in stem:
+        candidates = [stem.replace("lora_unet", "diffusion_model")]
+    elif "lora_te1_text_model" in stem:
+        candidates = [stem.replace("lora_te1_text_model", name)
+                      for name in ("0_transformer_text_model", "transformer_text_model")]
+    else:
+        candidates = []
+    return next((candidate for candidate in candidates if candidate in mapping), key)

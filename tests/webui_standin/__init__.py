@@ -5,16 +5,20 @@
 `network_lora`) go on sys.path; the WebUI's command line (`--data-dir data_dir` plus `args`) is read, after
 every extension's `preload(parser)`, this extension's own `preload.py` included (copied into
 `<data_dir>/extensions/`); `sd_model` becomes `shared.sd_model` with the attributes A1111's model loader and the
-built-in's model-loaded callback give it. Afterwards sys.path, sys.modules and $COMMANDLINE_ARGS are as they
+built-in's model-loaded callback give it. `sd_model` is an ldm LatentDiffusion (SD1) or the tiny SDXL of
+`lora_train.tiny_sdxl.build_tiny_sdxl`, which gets what sgm's constructors, A1111's loader, sd_models_xl and the
+hijack give an SDXL model. Afterwards sys.path, sys.modules and $COMMANDLINE_ARGS are as they
 were, so other test files never see a `modules` package.
 
 Stand-in modules (each says what it keeps of A1111 1.10.1): modules.shared (cmd_opts, opts, state, sd_model),
 shared_state, shared_cmd_options + cmd_args + script_loading (flags, preloads), paths_internal, call_queue +
 fifo_lock (queue_lock), progress (task queue, progressapi), processing (txt2img through the loaded model),
-sd_models, options, script_callbacks, infotext_utils; extensions-builtin/Lora: preload, network, network_lora,
-networks. Not reproduced: fp16 weights, the hijack's wrapper around the text encoder, the built-in's patched
-torch-layer forwards, `<lora:...>` in prompts and SDXL. SD2 is an ldm model whose text encoder is ldm's
-FrozenOpenCLIPEmbedder itself (its `nn.MultiheadAttention` layers merge LoRAs as the built-in does).
+prompt_parser (SdConditioning), sd_models, sd_models_xl, sd_hijack_clip (SDXL's text-encoder wrappers), devices,
+options, script_callbacks, infotext_utils; extensions-builtin/Lora: preload, network, network_lora, networks.
+Not reproduced: fp16 weights, the hijack's wrapper around SD1's and SD2's text encoder and the text encoders' token
+embeddings, the built-in's patched torch-layer forwards, `<lora:...>` in prompts. SD2 is an ldm model whose text
+encoder is ldm's FrozenOpenCLIPEmbedder itself (its `nn.MultiheadAttention` layers merge LoRAs as the built-in
+does).
 
 Helpers: `ProbeHost` (the real A1111Host, recording progress reports and pausing a job at a step),
 `queue_lock_held`, `train_values`, `load_tiny_ldm`.
@@ -44,6 +48,7 @@ REPO = STANDIN.parents[1]
 EXTENSION_FOLDER = "sd-webui-lora-train"
 LORA_MODULES = ("networks", "network", "network_lora")  # the built-in Lora extension's top-level modules
 CHECKPOINT = "tiny-sd1.safetensors"
+SDXL_CHECKPOINT = "tiny-sdxl.safetensors"
 PAUSE_TIMEOUT_S = 60  # a paused job gives up waiting after this (a test that failed before resuming it)
 
 
@@ -80,26 +85,59 @@ def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequenc
 
 
 def load_model(shared, sd_model: torch.nn.Module) -> None:
-    """What A1111's sd_models.load_model leaves on an SD1/SD2 model, then the built-in Lora's model-loaded callback.
+    """What A1111's sd_models.load_model leaves on the model, then the built-in Lora's model-loaded callback.
 
-    The WebUI does not freeze the UNet, and SD1's text encoder token embedding (replaced by the hijack) is in
+    The WebUI does not freeze the UNet, and the CLIP text encoders' token embeddings (replaced by the hijack) are in
     training mode: both are set here so that a job must restore them exactly.
     """
     from modules import paths_internal, sd_models
 
     import networks
 
-    is_sd1 = hasattr(sd_model.cond_stage_model, "transformer")  # SD2's is OpenCLIP: `.model`
-    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = is_sd1, not is_sd1, False
+    sdxl = hasattr(sd_model, "conditioner")
+    is_sd1 = not sdxl and hasattr(sd_model.cond_stage_model, "transformer")  # SD2's is OpenCLIP: `.model`
+    sd_model.is_sd1, sd_model.is_sd2, sd_model.is_sdxl = is_sd1, not (sdxl or is_sd1), sdxl
     sd_model.sd_checkpoint_info = sd_models.CheckpointInfo(
-        os.path.join(paths_internal.models_path, "Stable-diffusion", CHECKPOINT))
+        os.path.join(paths_internal.models_path, "Stable-diffusion", SDXL_CHECKPOINT if sdxl else CHECKPOINT))
     sd_model.sd_model_checkpoint = sd_model.sd_checkpoint_info.filename
     for parameter in sd_model.model.parameters():
         parameter.requires_grad_(True)
-    if is_sd1:
+    if sdxl:
+        _load_sdxl(sd_model)
+    elif is_sd1:
         sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding.train()
     shared.sd_model = sd_model
     networks.assign_network_names_to_compvis_modules(sd_model)
+    if sdxl:
+        sd_model.cond_stage_model_empty_prompt = sd_model.get_learned_conditioning([""])["crossattn"]
+
+
+def _disabled_train(self, mode=True):
+    """sgm's disabled_train: "Overwrite model.train with this function to make sure train/eval mode does not
+    change anymore." """
+    return self
+
+
+def _load_sdxl(sd_model: torch.nn.Module) -> None:
+    """sgm's constructors (embedders not is_trainable and the VAE frozen, in eval mode, their train() a no-op),
+    A1111's extend_sdxl and the hijack (a wrapper around each text embedder, the conditioner as cond_stage_model)."""
+    from modules import sd_hijack_clip, sd_models_xl
+
+    sd_model.__class__ = sd_models_xl.DiffusionEngine  # the WebUI patches its methods onto sgm's class
+    sd_model.is_sdxl_inpaint, sd_model.is_ssd = False, False
+    conditioner = sd_model.conditioner
+    for frozen in (*[e for e in conditioner.embedders if not e.is_trainable], sd_model.first_stage_model):
+        frozen.eval()
+        frozen.train = _disabled_train
+        for parameter in frozen.parameters():
+            parameter.requires_grad_(False)
+    sd_models_xl.extend_sdxl(sd_model)
+    te1, te2 = conditioner.embedders[0], conditioner.embedders[1]
+    te1.transformer.text_model.embeddings.token_embedding.train()
+    te2.model.token_embedding.train()
+    conditioner.embedders[0] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(te1)
+    conditioner.embedders[1] = sd_hijack_clip.FrozenOpenCLIPEmbedder2WithCustomWords(te2)
+    sd_model.cond_stage_model = conditioner
 
 
 def queue_lock_held() -> bool:

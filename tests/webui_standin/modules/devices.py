@@ -4,3 +4,4 @@ import torch
 
 device = torch.device("cpu")
 cpu = torch.device("cpu")
+dtype = torch.float32  # A1111 with --no-half

@@ -3,8 +3,10 @@
 The dataclass fields are a subset of A1111 1.10's (an unknown keyword raises TypeError, as there). Sampling is
 a plain DDIM loop over `sd_model.apply_model` with classifier-free guidance, then `decode_first_stage`, under
 `torch.no_grad()`. Like A1111's default RNG, the initial noise comes from `torch.manual_seed(seed)` on the
-global generator, so a generation changes the process RNG state. Conditioning is cached on the class
-(`cached_c` / `cached_uc`) and kept after `close()` while `opts.persistent_cond_cache` is on.
+global generator, so a generation changes the process RNG state. Prompts reach get_learned_conditioning as an
+SdConditioning with the image's width and height (SDXL's size conditioning), and an SDXL conditioning is a dict.
+Conditioning is cached on the class (`cached_c` / `cached_uc`) and kept after `close()` while
+`opts.persistent_cond_cache` is on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import shared
+from modules import prompt_parser, shared
 
 opt_C = 4
 opt_f = 8
@@ -68,7 +70,8 @@ class StableDiffusionProcessing:
         """The conditioning for prompts, from cache when the same prompts (and model) were encoded last."""
         key = (tuple(prompts), self.steps, shared.opts.CLIP_stop_at_last_layers, id(self.sd_model))
         if cache[0] != key:
-            cache[1] = self.sd_model.get_learned_conditioning(list(prompts))
+            batch = prompt_parser.SdConditioning(prompts, width=self.width, height=self.height)
+            cache[1] = self.sd_model.get_learned_conditioning(batch)
             cache[0] = key
         return cache[1]
 
@@ -118,12 +121,18 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         model = self.sd_model
         dtype = next(model.model.parameters()).dtype
         timestep = torch.full((x.shape[0],), t, dtype=torch.long)
-        out_uc = model.apply_model(x.to(dtype), timestep, self.uc.to(dtype)).float()
-        out_c = model.apply_model(x.to(dtype), timestep, self.c.to(dtype)).float()
+        out_uc = model.apply_model(x.to(dtype), timestep, _cast(self.uc, dtype)).float()
+        out_c = model.apply_model(x.to(dtype), timestep, _cast(self.c, dtype)).float()
         out = out_uc + self.cfg_scale * (out_c - out_uc)
         if getattr(model, "parameterization", "eps") == "v":
             out = alpha.sqrt() * out + (1 - alpha).sqrt() * x
         return out
+
+
+def _cast(cond, dtype):
+    if isinstance(cond, dict):
+        return {key: value.to(dtype) for key, value in cond.items()}
+    return cond.to(dtype)
 
 
 class Processed:

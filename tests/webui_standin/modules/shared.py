@@ -17,6 +17,11 @@ opts = options.Options({
     "live_previews_image_format": OptionInfo("png", "Live preview file format"),
     "show_progress_every_n_steps": OptionInfo(10, "Live preview display period"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+    "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
+    "sdxl_crop_top": OptionInfo(0, "crop top coordinate"),
+    "sdxl_crop_left": OptionInfo(0, "crop left coordinate"),
+    "sdxl_refiner_low_aesthetic_score": OptionInfo(2.5, "SDXL low aesthetic score"),
+    "sdxl_refiner_high_aesthetic_score": OptionInfo(6.0, "SDXL high aesthetic score"),
     "lora_preferred_name": OptionInfo("Alias from file", "When adding to prompt, refer to Lora by"),
 }, restricted_opts=set())
 

@@ -3,12 +3,16 @@
 Importable as the top-level `networks`, as in the WebUI. Behaviour kept from A1111 1.10.1:
 - `assign_network_names_to_compvis_modules(sd_model)` names every module of the text encoder (inside the
   hijack's `.wrapped` when there is one) and of `sd_model.model` by its path with "." -> "_"
-  (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_self_attn_q_proj`).
+  (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_self_attn_q_proj`);
+  on SDXL, each wrapped embedder's modules get its index as prefix (`0_transformer_text_model_...`,
+  `1_model_transformer_resblocks_0_attn`).
 - `convert_diffusers_name_to_compvis(stem, is_sd2)` maps a kohya stem with diffusers UNet paths to that name:
   down_blocks_i_{resnets,attentions}_j -> input_blocks_{1+3i+j}_{0,1}, mid_block -> middle_block_{2j,1},
   up_blocks_i_..._j -> output_blocks_{3i+j}_{0,1}, resnet conv1/conv2/norm1/norm2/time_emb_proj/conv_shortcut ->
   in_layers_2/out_layers_3/in_layers_0/out_layers_0/emb_layers_1/skip_connection, samplers, conv_in/out,
-  time_embedding; lora_te_text_model_... -> transformer_text_model_... (SD2: model_transformer_resblocks_...).
+  time_embedding; lora_te_text_model_... -> transformer_text_model_... (SD2: model_transformer_resblocks_...);
+  lora_te2_text_model_... -> 1_model_transformer_resblocks_... (SDXL's OpenCLIP names). Other stems (SDXL's
+  compvis UNet stems, lora_te1_...) come back as they are.
 - `load_network` matches each stem (then its q/k/v fusion, then the "lora_unet" -> "diffusion_model" and
   "lora_te1" fallbacks); unmatched keys are only logged at debug level.
 - The built-in merges the prompt's LoRAs into the weights (`network_apply_weights`) keeping a backup, and
@@ -87,11 +91,15 @@ def convert_diffusers_name_to_compvis(key, is_sd2):
 
 def assign_network_names_to_compvis_modules(sd_model):
     """Runs on every model load (the built-in's on_model_loaded callback): names and maps every layer."""
+    if shared.sd_model.is_sdxl:
+        roots = [(f"{i}_", embedder.wrapped) for i, embedder in enumerate(shared.sd_model.conditioner.embedders)
+                 if hasattr(embedder, 'wrapped')]
+    else:
+        roots = [("", getattr(shared.sd_model.cond_stage_model, 'wrapped', shared.sd_model.cond_stage_model))]
     mapping = {}
-    text_encoder = getattr(sd_model.cond_stage_model, 'wrapped', sd_model.cond_stage_model)
-    for root in (text_encoder, sd_model.model):
+    for prefix, root in (*roots, ("", shared.sd_model.model)):
         for name, module in root.named_modules():
-            network_name = name.replace(".", "_")
+            network_name = prefix + name.replace(".", "_")
             mapping[network_name] = module
             module.network_layer_name = network_name
     sd_model.network_layer_mapping = mapping
