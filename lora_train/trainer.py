@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoint
+from .checkpoint import Position, check_settings, checkpoint_folder, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
@@ -80,7 +80,7 @@ class Trainer:
             train.learning_rate, train.effective_text_encoder_lr))
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps, self.total_steps)
-        self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
+        self.autocast_dtype = autocast_dtype(train.mixed_precision, self.device)
         self.scaler = _grad_scaler(self.autocast_dtype == torch.float16)
         self.position = Position()
         self.info = StepInfo(total_steps=self.total_steps)
@@ -92,6 +92,8 @@ class Trainer:
         self.alphas_cumprod = model.alphas_cumprod.to(self.device)
         self.predict = torch.compile(model.predict) if train.compile else model.predict
         self.last_checkpoint: Optional[Path] = None
+        self.run_id: Optional[str] = None  # written into each checkpoint: the run it belongs to
+        self.save_failures: List[str] = []  # checkpoints and epoch files that could not be written
         self.offloader = Offloader([], self.device)  # encoders leave the device while their outputs are cached
         self.skipped_steps = self.consecutive_skips = 0
         self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
@@ -278,13 +280,19 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def checkpoint_dir(self) -> Path:
-        output = self.config.output
-        return output.checkpoints_dir / f"{output.output_name}-step{self.position.step:06d}"
+        return checkpoint_folder(self.config.output, self.position.step)
 
-    def save_checkpoint(self) -> Path:
-        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        folder = save_checkpoint(self.checkpoint_dir(), self.network.state_dict(), self.optimizer, extra,
-                                 self.position, self.settings)
+    def save_checkpoint(self) -> Optional[Path]:
+        """Writes a checkpoint; one that cannot be written (a full disk) is reported and training goes on."""
+        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "run": self.run_id}
+        try:
+            folder = save_checkpoint(self.checkpoint_dir(), self.network.state_dict(), self.optimizer, extra,
+                                     self.position, self.settings)
+        except OSError as error:
+            self.save_failures.append(f"checkpoint at step {self.position.step}: {error.strerror or error}")
+            logger.warning("the checkpoint at step %d could not be written (%s); training goes on",
+                           self.position.step, error)
+            return None
         self.last_checkpoint = folder
         self._trigger("checkpoint")
         return folder
@@ -301,7 +309,7 @@ class Trainer:
         self.info.step = self.position.step
 
 
-def _autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
     """fp16/bf16 autocast on a GPU; the CPU trains in fp32 (its half-precision kernels are slow or missing)."""
     if device.type != "cuda" or mixed_precision == "no":
         return None
