@@ -69,10 +69,10 @@ def save_checkpoint(folder: Path, adapters: Dict[str, torch.Tensor], optimizer: 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in adapters.items()},
-                  str(staging / "lora.safetensors"))
+        _write_tensors({k: v.detach().float().cpu().contiguous() for k, v in adapters.items()},
+                       staging / "lora.safetensors")
         tensors, optimizer_rest = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(staging / "optimizer.safetensors"))
+        _write_tensors(tensors, staging / "optimizer.safetensors")
         state = {"position": asdict(position), "optimizer": optimizer_rest, "settings": settings, **extra_state}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         if folder.exists():
@@ -82,6 +82,14 @@ def save_checkpoint(folder: Path, adapters: Dict[str, torch.Tensor], optimizer: 
         if staging.exists():
             shutil.rmtree(staging)
     return folder
+
+
+def _write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with a write error (a full disk) raised as the OSError it is, not safetensors' own type."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        raise OSError(f"{path.name} could not be written: {error}") from None
 
 
 @dataclass

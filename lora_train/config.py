@@ -295,11 +295,28 @@ def load_config(path: Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
+    data = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        values = yaml.safe_load(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: is not UTF-8 text ({_where(data, error.start)}); save it as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error}); check indentation and quoting") from None
+        raise ConfigError(f"{path}: {_yaml_problem(error)}; check indentation and quoting") from None
     return config_from_dict(values, base_dir=path.resolve().parent)
+
+
+def _where(data: bytes, offset: int) -> str:
+    """Where an undecodable byte is, as an editor counts: 'byte 0xe9 at line 2, column 23'."""
+    line, column = data.count(b"\n", 0, offset) + 1, offset - data.rfind(b"\n", 0, offset)
+    return f"byte 0x{data[offset]:02x} at line {line}, column {column}"
+
+
+def _yaml_problem(error: "yaml.YAMLError") -> str:
+    """PyYAML's multi-line report in one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"is not valid YAML: {where}{problem}"
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -118,10 +118,11 @@ def train_lora(config: TrainConfig, model: DiffusionModel, callbacks: Iterable[C
     dataset = dataset if dataset is not None else load_dataset(config.data)
     network = build_network(config, model)
     trainer = Trainer(model, network, dataset, config, model.device)
-    artifacts, tensorboard = _Artifacts(config, model, dataset), TensorBoardLogger(output.log_dir)
-    for callback in (tensorboard, artifacts, *callbacks):
-        trainer.add_callback(callback)
+    artifacts = _Artifacts(config, model, dataset)
     with prepared_saves(config, trainer, artifacts.metadata) as artifacts.plan:
+        tensorboard = TensorBoardLogger(output.log_dir)
+        for callback in (tensorboard, artifacts, *callbacks):
+            trainer.add_callback(callback)
         try:
             with _forked_rng(model.device), float32_matmul_precision(config.training.matmul_precision), \
                     model.training(config.training.gradient_checkpointing, config.model.train_text_encoder), \

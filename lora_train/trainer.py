@@ -166,19 +166,24 @@ class Trainer:
     def _train_step(self) -> None:
         group = self._micro_batches()
         losses = [self._micro_step(micro_step, indices, len(group)) for micro_step, _, indices in group]
-        loss = sum(losses) / len(losses)
+        losses = [loss for loss in losses if loss is not None]  # None: every image of the micro-batch is gone
+        loss = sum(losses) / len(losses) if losses else float("nan")
         self._optimizer_step()
         self.position.step += 1
         self.position.losses.append(loss)
         self.info.step, self.info.epoch = self.position.step, group[-1][1]
         self.info.loss, self.info.lr = self.position.losses[-1], self.scheduler.get_last_lr()[0]
 
-    def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> float:
+    def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> Optional[float]:
         seed = _micro_seed(self.config.training.seed, micro_step)
         rng, generator = random.Random(seed), torch.Generator(device=self.device).manual_seed(seed)
         flips = [self.config.data.flip_aug and rng.random() < 0.5 for _ in indices]
         captions = [self.dataset.caption_for(index, rng) for index in indices]
-        latents = self._latents(indices, flips)  # before seeding: an uncached encode draws from the global RNG
+        # before seeding: an uncached encode draws from the global RNG; an image gone since the scan is left out
+        kept, latents = self.latents.batch(indices, flips)
+        if not kept:
+            return None
+        indices, flips, captions = ([values[i] for i in kept] for values in (indices, flips, captions))
         torch.manual_seed(seed)  # adapter dropout draws from the global RNG
         with self._autocast():
             cond = self._encode_prompts(captions, indices, flips)
@@ -224,9 +229,6 @@ class Trainer:
         if self.config.model.train_text_encoder:
             return self.model.encode_prompts(captions, sizes)
         return self.texts.encode(captions, sizes)
-
-    def _latents(self, indices: List[int], flips: List[bool]) -> torch.Tensor:
-        return torch.stack([self.latents.latent(i, f) for i, f in zip(indices, flips)])
 
     def _optimizer_step(self) -> None:
         """Clips and applies the gradients; a step whose gradients are not finite is skipped, not applied.
