@@ -92,7 +92,7 @@ def _resolution(data, dataset) -> Dict[str, str]:
     buckets = {str(index): {"resolution": list(bucket), "count": count}
                for index, (bucket, count) in enumerate(dataset.bucket_counts().items())}
     return {"ss_resolution": f"({data.resolution}, {data.resolution})", "ss_enable_bucket": str(data.enable_bucket),
-            "ss_min_bucket_reso": str(data.min_bucket_reso), "ss_max_bucket_reso": str(data.max_bucket_reso),
+            "ss_min_bucket_reso": str(data.bucket_range[0]), "ss_max_bucket_reso": str(data.bucket_range[1]),
             "ss_bucket_info": json.dumps({"buckets": buckets})}
 
 
@@ -169,7 +169,7 @@ def _link_new(temp: str, path: Path) -> None:
 
 def check_free(path: Path, overwrite: bool) -> Path:
     """Raises OutputExistsError before training if the final file would be refused afterwards."""
-    if Path(path).exists() and not overwrite:
+    if os.path.exists(path) and not overwrite:  # a name the file system refuses is save_plan's to report
         raise OutputExistsError(f"{path} already exists; choose another output.output_name or set "
                                 "output.overwrite: true")
     return Path(path)

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
+from .caption_window import warn_long_captions
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
 from .export import build_metadata, epoch_file_path, save_lora
@@ -116,6 +117,7 @@ def train_lora(config: TrainConfig, model: DiffusionModel, callbacks: Iterable[C
     started = time.perf_counter()
     output = config.output
     dataset = dataset if dataset is not None else load_dataset(config.data)
+    warn_long_captions(model, dataset)
     network = build_network(config, model)
     trainer = Trainer(model, network, dataset, config, model.device)
     artifacts = _Artifacts(config, model, dataset)

@@ -217,6 +217,23 @@ def _resume_state(config: TrainConfig) -> Tuple[Optional[str], int]:
     return state.get("run"), int(position.get("step", 0)) if isinstance(position, dict) else 0
 
 
+def _checked_plan(config: TrainConfig, dataset) -> SavePlan:
+    """The run's files, its folders created and probed."""
+    run_id, start_step = _resume_state(config)
+    per_epoch, total = step_plan(dataset, config.training)
+    plan = plan_saves(config.output, per_epoch, total, start_step, run_id or new_run_id())
+    check_folders(plan, config)
+    return plan
+
+
+def check_plan(config: TrainConfig, dataset) -> None:
+    """What can be checked before a model is at hand (folders, names, earlier files, another run), for a caller
+    that must answer at once (the HTTP API); raises as prepared_saves does."""
+    plan = _checked_plan(config, dataset)
+    run_lock.check_free(Path(config.output.output_dir), config.output.output_name)
+    check_existing(plan)
+
+
 @contextlib.contextmanager
 def prepared_saves(config: TrainConfig, trainer: Trainer,
                    metadata: Callable[[Trainer], Dict[str, str]]) -> Iterator[SavePlan]:
@@ -227,10 +244,7 @@ def prepared_saves(config: TrainConfig, trainer: Trainer,
         RunLockedError: another run is writing the same name.
         CheckpointError: the checkpoint to resume from is damaged.
     """
-    run_id, start_step = _resume_state(config)
-    per_epoch, total = step_plan(trainer.dataset, config.training)
-    plan = plan_saves(config.output, per_epoch, total, start_step, run_id or new_run_id())
-    check_folders(plan, config)
+    plan = _checked_plan(config, trainer.dataset)
     with run_lock.held(Path(config.output.output_dir), config.output.output_name, plan.run_id):
         check_existing(plan)
         check_space(plan, config, trainer, metadata(trainer))

@@ -392,3 +392,15 @@ def test_stale_names_wait_for_nothing(tmp_path):
         with pytest.raises(run_lock.RunLockedError, match="run 5"):
             run_lock.check_free(tmp_path, "x")
         assert time.perf_counter() - started < 1
+
+
+# --- wrong results, silently ----------------------------------------------------------------------------------
+
+
+def test_captions_longer_than_the_text_encoder_are_counted_in_one_warning(model, tiny_checkpoint, sample_images,
+                                                                          tmp_path, caplog):
+    long_one = sorted(sample_images.glob("*.txt"))[0]
+    long_one.write_text(", ".join(f"tag{index}" for index in range(80)), encoding="utf-8")
+    train_lora(make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=1), model)
+    warnings = [record.message for record in caplog.records if "longer than the text encoder" in record.message]
+    assert len(warnings) == 1 and warnings[0].startswith("1 of 8 images") and long_one.stem in warnings[0]
