@@ -17,8 +17,9 @@ single-bucket batches per epoch, pixels resized to cover the bucket and centre-c
 size and crop offset (SDXL conditions on them), and captions with shuffling and dropout applied.
 
 Nothing odd stops a run: unreadable or unsupported files, captionless images and CSV rows naming no usable image
-go into `DatasetReport`, as do CSV rows repeating a file (the last row is used). `DatasetError` is raised only when nothing usable is left: no usable image, no folder, no
-bucket that fits the resolution settings, or a CSV that cannot be read. Source files are only read, never written.
+go into `DatasetReport`, as do CSV rows repeating a file (the last row is used). `DatasetError` is raised only
+when nothing usable is left: no usable image, no folder, no bucket that fits the resolution settings, or a CSV
+that cannot be read. Source files are only read, never written.
 """
 
 from __future__ import annotations

@@ -16,23 +16,20 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_train import checkpoint, export, run_lock
+from lora_train import checkpoint, export
 from lora_train.cli import main
 from lora_train.models.diffusers import load_diffusers_model
 from lora_train.pipeline import train_lora
 from lora_train.save_plan import SaveFailedError, SavePlanError
 from test_training import make_config, write_yaml
 
-REPO = Path(__file__).resolve().parents[1]
 DISK_KIB = 8192  # room for the tiny LoRA and two of its checkpoints (about 2 MiB each)
 
 
@@ -74,13 +71,14 @@ class SmallDisk:
                     file.flush()
             return
         def refuse(original):
-            def write(target, *args, **kwargs):
-                if str(target).startswith(str(self.path)):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
-                return original(target, *args, **kwargs)
+            def write(*args):
+                target = next(str(arg) for arg in args if isinstance(arg, (str, Path)))
+                if target.startswith(str(self.path)):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+                return original(*args)
             return write
-        self.monkeypatch.setattr(export, "_write_atomic", refuse(export._write_atomic))
-        self.monkeypatch.setattr(checkpoint, "save_file", refuse(checkpoint.save_file))
+        self.monkeypatch.setattr(export, "_write_atomic", refuse(export._write_atomic))  # (path, data, overwrite)
+        self.monkeypatch.setattr(checkpoint, "_write_tensors", refuse(checkpoint._write_tensors))  # (tensors, path)
 
 
 @pytest.fixture
@@ -107,6 +105,11 @@ def read_only(tmp_path, monkeypatch):
         yield path
 
 
+def fill_at_step(disk: SmallDisk, step: int):
+    """A trainer callback filling the disk after `step`."""
+    return lambda event, trainer: disk.fill() if event == "step" and trainer.position.step == step else None
+
+
 class StepCounter:
     def __init__(self):
         self.steps = 0
@@ -129,7 +132,7 @@ def test_a_disk_full_at_the_final_save_keeps_the_lora_in_the_checkpoint_folder(m
                                                                                 sample_images, small_disk, tmp_path):
     config = make_config(sample_images, tiny_checkpoint, small_disk.path, max_train_steps=2)
     config.output.checkpoint_dir = str(tmp_path / "checkpoints")
-    filler = lambda event, trainer: small_disk.fill() if event == "step" and trainer.position.step == 2 else None  # noqa
+    filler = fill_at_step(small_disk, 2)
     with pytest.raises(SaveFailedError, match="could not be written to .*test_lora.safetensors") as raised:
         train_lora(config, model, callbacks=[filler])
     saved = raised.value.result.lora_path
@@ -144,7 +147,7 @@ def test_a_disk_full_at_a_checkpoint_goes_on_and_the_lora_lands_in_the_temp_fold
     (tmp_path / "system-temp").mkdir()
     config = make_config(sample_images, tiny_checkpoint, small_disk.path, max_train_steps=4)
     config.output.save_steps = 2
-    filler = lambda event, trainer: small_disk.fill() if event == "step" and trainer.position.step == 2 else None  # noqa
+    filler = fill_at_step(small_disk, 2)
     code = _cli_with_callback(config, tmp_path, filler)
     out, err = capsys.readouterr()
     last = err.strip().splitlines()[-1]
@@ -327,71 +330,6 @@ def test_an_image_deleted_mid_run_is_skipped_with_a_warning(model, tiny_checkpoi
     result = train_lora(config, model, callbacks=[deleter])
     assert result.state == "done" and result.steps == 6
     assert any(victim.name in record.message and "skipped" in record.message for record in caplog.records)
-
-
-# --- two runs, one name ---------------------------------------------------------------------------------------
-
-
-def test_a_second_run_into_the_same_name_is_refused_at_start_naming_the_holder(model, tiny_checkpoint,
-                                                                               sample_images, tmp_path):
-    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
-    (tmp_path / "out").mkdir()
-    with run_lock.held(tmp_path / "out", "test_lora", run_id="1234"):
-        counter = StepCounter()
-        with pytest.raises(run_lock.RunLockedError, match=rf"process {os.getpid()} on .*run 1234"):
-            train_lora(config, model, callbacks=[counter])
-        assert counter.steps == 0
-    assert train_lora(config, model).state == "done"
-
-
-KILLED_RUN = """
-import sys, time
-from pathlib import Path
-from lora_train import run_lock
-with run_lock.held(Path(sys.argv[1]), "test_lora", run_id="4321"):
-    print("locked", flush=True)
-    time.sleep(60)
-"""
-
-
-def test_a_lock_left_by_a_killed_process_is_taken_over(model, tiny_checkpoint, sample_images, tmp_path, caplog):
-    (tmp_path / "out").mkdir()
-    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path / "out")], cwd=REPO,
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "locked"
-    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=1)
-    with pytest.raises(run_lock.RunLockedError, match=f"process {process.pid} on .*run 4321"):
-        train_lora(config, model)
-    process.send_signal(signal.SIGKILL)
-    process.wait(10)
-    assert run_lock.lock_path(tmp_path / "out", "test_lora").is_file(), "the killed run left its lock file"
-    assert train_lora(config, model).state == "done"
-    assert any("taking over the lock of process" in record.message for record in caplog.records)
-
-
-def test_checkpoints_are_tagged_with_their_run_and_another_runs_are_not_replaced(model, tiny_checkpoint,
-                                                                                 sample_images, tmp_path):
-    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
-    config.output.save_steps = 2
-    first = train_lora(config, model)
-    state = json.loads((first.checkpoints[0] / "state.json").read_text())
-    with safe_open(str(first.lora_path), "pt") as file:
-        assert file.metadata()["ss_session_id"] == state["run"] != ""
-    first.lora_path.unlink()  # as if the run had been killed before its final save
-    with pytest.raises(SavePlanError, match="checkpoints of another run of this name .* resume that run"):
-        train_lora(config, model)
-    assert json.loads((first.checkpoints[0] / "state.json").read_text())["run"] == state["run"]
-
-
-def test_stale_names_wait_for_nothing(tmp_path):
-    """A lock file nobody holds does not block a check (the API's), and a held one does."""
-    run_lock.lock_path(tmp_path, "x").write_text(json.dumps({"pid": 1, "host": "h", "run": "9", "started": "t"}))
-    run_lock.check_free(tmp_path, "x")
-    with run_lock.held(tmp_path, "x", "5"):
-        started = time.perf_counter()
-        with pytest.raises(run_lock.RunLockedError, match="run 5"):
-            run_lock.check_free(tmp_path, "x")
-        assert time.perf_counter() - started < 1
 
 
 # --- wrong results, silently ----------------------------------------------------------------------------------

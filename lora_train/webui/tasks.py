@@ -1,8 +1,9 @@
 """The WebUI's two jobs, shared by the tab and the HTTP API: caption a folder, train the loaded checkpoint.
 
 Each `*_job` function checks its request synchronously (so the caller can answer 422 at once: for training the
-whole plan, config, dataset, buckets and output) and returns the work function that `JobRunner.start` runs in its thread. Training lands the LoRA in the WebUI's Lora folder,
-checks it with the WebUI's own loader, refreshes the Lora list and drops cached conditioning.
+whole plan, config, dataset, buckets and output) and returns the work function that `JobRunner.start` runs in
+its thread. Training lands the LoRA in the WebUI's Lora folder, checks it with the WebUI's own loader, refreshes
+the Lora list and drops cached conditioning.
 """
 
 from __future__ import annotations
