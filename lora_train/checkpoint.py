@@ -4,6 +4,8 @@ A checkpoint folder holds `lora.safetensors` (fp32 adapters), `optimizer.safeten
 tensors, flattened), and `state.json` (step position, optimizer hyper-parameters, scheduler and grad-scaler
 state, the settings a resume must share). Random draws are derived from (seed, micro-step), so the position
 is all the RNG state a resume needs. Folders are written under a temporary name and renamed when complete.
+A damaged checkpoint (a file missing, empty or cut short) raises `CheckpointError` naming the file and the
+other checkpoints beside it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
+TENSOR_FILES = ("lora.safetensors", "optimizer.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -53,6 +57,11 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def checkpoint_folder(output, step: int) -> Path:
+    """Where the checkpoint after `step` goes, for an OutputConfig."""
+    return output.checkpoints_dir / f"{output.output_name}-step{step:06d}"
+
+
 def save_checkpoint(folder: Path, adapters: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     extra_state: Dict[str, Any], position: Position, settings: Dict[str, Any]) -> Path:
     """Writes the checkpoint folder atomically; returns its path."""
@@ -60,10 +69,10 @@ def save_checkpoint(folder: Path, adapters: Dict[str, torch.Tensor], optimizer: 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in adapters.items()},
-                  str(staging / "lora.safetensors"))
+        _write_tensors({k: v.detach().float().cpu().contiguous() for k, v in adapters.items()},
+                       staging / "lora.safetensors")
         tensors, optimizer_rest = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(staging / "optimizer.safetensors"))
+        _write_tensors(tensors, staging / "optimizer.safetensors")
         state = {"position": asdict(position), "optimizer": optimizer_rest, "settings": settings, **extra_state}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         if folder.exists():
@@ -73,6 +82,14 @@ def save_checkpoint(folder: Path, adapters: Dict[str, torch.Tensor], optimizer: 
         if staging.exists():
             shutil.rmtree(staging)
     return folder
+
+
+def _write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with a write error (a full disk) raised as the OSError it is, not safetensors' own type."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        raise OSError(f"{path.name} could not be written: {error}") from None
 
 
 @dataclass
@@ -85,14 +102,54 @@ class Checkpoint:
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
+    """Everything a resume needs from the folder.
+
+    Raises:
+        CheckpointError: not a checkpoint, or one of its files is missing or damaged (the message names it).
+    """
     folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
+    state = read_state(folder)
+    adapters, optimizer_tensors = (_read_tensors(folder / name) for name in TENSOR_FILES)
+    try:
+        optimizer = _unflatten_optimizer(optimizer_tensors, state.pop("optimizer"))
+        position, settings = Position(**state.pop("position")), state.pop("settings")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise _damaged(folder / STATE_FILE, f"it lacks part of the state: {error}") from None
+    return Checkpoint(adapters=adapters, optimizer=optimizer, position=position, settings=settings, extra=state)
+
+
+def read_state(folder: Path) -> Dict[str, Any]:
+    """The checkpoint's state.json as a dict (its "run" key is the id of the run that wrote it)."""
+    path = Path(folder) / STATE_FILE
+    if not Path(folder).is_dir() or not path.exists():
         raise CheckpointError(f"{folder} is not a training checkpoint (no {STATE_FILE}); "
                               "point training.resume_from_checkpoint at a folder under <output_dir>/checkpoints")
-    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    optimizer = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), state.pop("optimizer"))
-    return Checkpoint(adapters=load_file(str(folder / "lora.safetensors")), optimizer=optimizer,
-                      position=Position(**state.pop("position")), settings=state.pop("settings"), extra=state)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise _damaged(path, str(error) or "empty file") from None
+    if not isinstance(state, dict):
+        raise _damaged(path, "it holds no training state")
+    return state
+
+
+def _read_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise _damaged(path, "the file is missing") from None
+    except (OSError, SafetensorError, ValueError) as error:
+        raise _damaged(path, f"{error}; the file is empty or cut short") from None
+
+
+def _damaged(path: Path, reason: str) -> CheckpointError:
+    """Names the damaged file and the other checkpoints in its folder to resume from instead."""
+    folder = path.parent
+    others = sorted(p.name for p in folder.parent.iterdir() if p != folder and (p / STATE_FILE).is_file()) \
+        if folder.parent.is_dir() else []
+    fix = (f"resume from another checkpoint in {folder.parent}: {', '.join(others)}" if others else
+           "no other checkpoint is beside it; start again without training.resume_from_checkpoint")
+    return CheckpointError(f"the checkpoint {folder.name} is damaged: {path.name} cannot be read ({reason}); {fix}")
 
 
 def check_settings(saved: Dict[str, Any], current: Dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """`python -m lora_train train --config x.yaml [--dry-run]`: standalone training from a YAML file (SD1, SD2, SDXL).
 
 Prints a progress bar (step, loss, it/s, ETA) and a summary of where every file went. Exit code 0 on success;
-a user mistake (bad config, dataset, model or output name) prints one line starting with "error:" and exits 2.
-The first Ctrl+C stops after the current step and saves; a second one aborts without saving. With
+a user mistake (bad config, dataset, model or output name) or a fault (a damaged checkpoint, a disk that
+filled up) prints one line starting with "error:" and exits 2; when the LoRA had to be written somewhere else,
+the summary and that line say where. The first Ctrl+C stops after the current step and saves; a second one (or
+one while the model loads) aborts without saving and exits 130. With
 `--apply-advice`, settings that do not fit the GPU are changed as the memory preflight suggests, and the run starts
 once more.
 """
@@ -23,10 +25,14 @@ from .export import OutputExistsError
 from .models.diffusers import ModelLoadError
 from .pipeline import TrainingOutOfMemoryError
 from .preflight import MemoryPreflightError, apply_changes, changes_text
+from .run_lock import RunLockedError
+from .save_plan import SaveFailedError, SavePlanError
 from .trainer import TrainingDivergedError, step_plan
 
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
-               TrainingDivergedError, MemoryPreflightError, TrainingOutOfMemoryError)
+               TrainingDivergedError, MemoryPreflightError, TrainingOutOfMemoryError, SavePlanError, RunLockedError,
+               SaveFailedError)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl+C
 
 
 def add_parser(subparsers) -> None:
@@ -49,9 +55,15 @@ def run(args: argparse.Namespace) -> int:
             return _dry_run(config)
         return _train(config, args.apply_advice)
     except USER_ERRORS as error:
+        if getattr(error, "result", None) is not None:
+            _print_summary(error.result)  # trained, but written elsewhere: the summary says where
         hint = " (or rerun with --apply-advice)" if getattr(error, "changes", None) else ""
         print(f"error: {error}{hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped without saving (a checkpoint written by output.save_steps can be resumed)",
+              file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 def _dry_run(config: TrainConfig) -> int:
@@ -161,6 +173,7 @@ def _print_summary(result) -> None:
              f"final loss {final}"]
     if result.skipped_steps:
         lines.append(f"skipped:     {result.skipped_steps} steps with non-finite gradients (not applied)")
+    lines += [f"not written: {failure}" for failure in result.save_failures]
     if result.lora_path:
         lines.append(f"LoRA:        {result.lora_path}")
     lines += [f"epoch file:  {path}" for path in result.epoch_files]

@@ -13,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import yaml
 
@@ -61,8 +61,8 @@ class DataConfig:
     caption_dropout: float = 0.0  # probability of training a sample with an empty caption
     flip_aug: bool = False  # random horizontal flips (only for subjects without a handed side)
     enable_bucket: bool = True  # aspect-ratio buckets instead of square crops
-    min_bucket_reso: int = 256  # smallest bucket side
-    max_bucket_reso: int = 1024  # largest bucket side
+    min_bucket_reso: Optional[int] = None  # smallest bucket side; None = follows resolution (256 at 512)
+    max_bucket_reso: Optional[int] = None  # largest bucket side; None = follows resolution (1024 at 512)
 
     def validate(self, section: str = "data") -> None:
         if not self.train_data_dir:
@@ -74,16 +74,32 @@ class DataConfig:
                   "the file does not exist; fix the path or remove the key")
         for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
             value = getattr(self, name)
+            if value is None:
+                continue
             _check_range(f"{section}.{name}", value, 64, 4096)
             if value % 64:
                 _fail(f"{section}.{name}", value, "use a multiple of 64 (e.g. 512, 768, 1024)")
-        if self.min_bucket_reso > self.max_bucket_reso:
-            _fail(f"{section}.min_bucket_reso", self.min_bucket_reso, "it must not exceed data.max_bucket_reso")
+        low, high = self.bucket_range
+        if low > high:
+            _fail(f"{section}.min_bucket_reso", low, f"it must not exceed data.max_bucket_reso ({high})")
+
+    @property
+    def bucket_range(self) -> Tuple[int, int]:
+        """(smallest, largest) bucket side: the values set, else what follows the resolution."""
+        low, high = follow_resolution(self.resolution)
+        return (low if self.min_bucket_reso is None else self.min_bucket_reso,
+                high if self.max_bucket_reso is None else self.max_bucket_reso)
         _check_range(f"{section}.repeats", self.repeats, 1)
         _check_range(f"{section}.keep_tokens", self.keep_tokens, 0)
         _check_range(f"{section}.caption_dropout", self.caption_dropout, 0.0, 1.0)
         if not self.caption_extension.startswith("."):
             _fail(f"{section}.caption_extension", self.caption_extension, "start it with a dot, e.g. '.txt'")
+
+
+def follow_resolution(resolution: int) -> Tuple[int, int]:
+    """Bucket limits for a resolution when the user sets none: kohya's 256..1024 at 512, the smallest side at
+    most half the resolution (so small resolutions have buckets), the largest at least twice it."""
+    return max(64, min(256, resolution // 2 // 64 * 64)), max(1024, 2 * resolution)
 
 
 @dataclass
@@ -315,11 +331,28 @@ def load_config(path: Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
+    data = path.read_bytes()
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        values = yaml.safe_load(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: is not UTF-8 text ({_where(data, error.start)}); save it as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error}); check indentation and quoting") from None
+        raise ConfigError(f"{path}: {_yaml_problem(error)}; check indentation and quoting") from None
     return config_from_dict(values, base_dir=path.resolve().parent)
+
+
+def _where(data: bytes, offset: int) -> str:
+    """Where an undecodable byte is, as an editor counts: 'byte 0xe9 at line 2, column 23'."""
+    line, column = data.count(b"\n", 0, offset) + 1, offset - data.rfind(b"\n", 0, offset)
+    return f"byte 0x{data[offset]:02x} at line {line}, column {column}"
+
+
+def _yaml_problem(error: "yaml.YAMLError") -> str:
+    """PyYAML's multi-line report in one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"is not valid YAML: {where}{problem}"
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -17,8 +17,9 @@ single-bucket batches per epoch, pixels resized to cover the bucket and centre-c
 size and crop offset (SDXL conditions on them), and captions with shuffling and dropout applied.
 
 Nothing odd stops a run: unreadable or unsupported files, captionless images and CSV rows naming no usable image
-go into `DatasetReport`. `DatasetError` is raised only when nothing usable is left: no usable image, no folder, no
-bucket that fits the resolution settings, or a CSV that cannot be read. Source files are only read, never written.
+go into `DatasetReport`, as do CSV rows repeating a file (the last row is used). `DatasetError` is raised only
+when nothing usable is left: no usable image, no folder, no bucket that fits the resolution settings, or a CSV
+that cannot be read. Source files are only read, never written.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lora_train.captions_io import CaptionFileError, count_tags, read_metadata_csv, read_sidecar, split_tags
+from lora_train.captions_io import (CaptionFileError, captions_from_table, count_tags, read_csv_table, read_sidecar,
+                                   split_tags)
 from lora_train.config import DataConfig
 from lora_train.images import IMAGE_EXTENSIONS, open_rgb, probe_image, walk_files
 from lora_train.models import SizeInfo
@@ -72,6 +74,7 @@ class DatasetReport:
     missing_captions: List[str]  # relative paths of images trained with an empty caption
     csv_rows_without_image: List[str]  # CSV filenames naming a missing or unusable image
     caption_source: str  # "sidecar .txt", "metadata.csv", "sidecar .txt + metadata.csv" or "none"
+    csv_duplicates: List[str] = field(default_factory=list)  # "name (N rows)": files the CSV names more than once
 
     def summary(self) -> str:
         lines = [
@@ -82,6 +85,8 @@ class DatasetReport:
         lines += _capped("Skipped:", [f"{path}: {reason}" for path, reason in self.skipped])
         lines += _capped("Without a caption (trained with an empty one):", self.missing_captions)
         lines += _capped("CSV rows naming no usable image:", self.csv_rows_without_image)
+        lines += _capped("Files named in more than one CSV row (the last row's caption is used):",
+                         self.csv_duplicates)
         return "\n".join(lines)
 
 
@@ -275,19 +280,23 @@ def _metadata_path(config: DataConfig) -> Optional[Path]:
     return default if default.is_file() else None
 
 
-def _csv_rows(csv_path: Optional[Path]) -> Dict[Path, Tuple[str, str]]:
-    """{resolved image path: (filename as written, caption)} from the CSV, empty without one.
+def _csv_rows(csv_path: Optional[Path]) -> Tuple[Dict[Path, Tuple[str, str]], List[str]]:
+    """({resolved image path: (filename as written, caption)}, ["name (N rows)" per repeated file]) from the CSV;
+    empty without one.
 
     Raises:
         DatasetError: the file is not UTF-8 CSV or has no recognisable header row.
     """
     if csv_path is None:
-        return {}
+        return {}, []
     try:
-        captions = read_metadata_csv(csv_path)
+        header, table = read_csv_table(csv_path)
+        captions = captions_from_table(csv_path, header, table)
+        per_file = Counter(name for row in table for name in captions_from_table(csv_path, header, [row]))
     except CaptionFileError as error:
         raise DatasetError(str(error)) from None
-    return {(csv_path.parent / name).resolve(): (name, caption) for name, caption in captions.items()}
+    repeated = sorted(f"{name} ({count} rows)" for name, count in per_file.items() if count > 1)
+    return {(csv_path.parent / name).resolve(): (name, caption) for name, caption in captions.items()}, repeated
 
 
 def _assign_captions(images: List[_Found], config: DataConfig, csv_name: str, rows: Dict[Path, Tuple[str, str]],
@@ -325,10 +334,11 @@ def _no_usable_image(root: Path, skipped: List[Tuple[str, str]]) -> DatasetError
 def _buckets_for(config: DataConfig) -> List[Bucket]:
     if not config.enable_bucket:
         return [(config.resolution, config.resolution)]
-    buckets = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso)
+    low, high = config.bucket_range
+    buckets = make_buckets(config.resolution, low, high)
     if not buckets:
         raise DatasetError(
-            f"no bucket has both sides in [{config.min_bucket_reso}, {config.max_bucket_reso}] and an area <= "
+            f"data.min_bucket_reso: no bucket has both sides in [{low}, {high}] and an area <= "
             f"{config.resolution}**2; set data.min_bucket_reso <= data.resolution and <= data.max_bucket_reso")
     return buckets
 
@@ -345,7 +355,7 @@ def load_dataset(config: DataConfig) -> Dataset:
         raise DatasetError(f"train_data_dir {str(root)!r} is not a folder; point it at the folder of images")
     buckets = _buckets_for(config)
     csv_path = _metadata_path(config)
-    csv_rows = _csv_rows(csv_path)  # before the slow image scan, so that a broken CSV fails fast
+    csv_rows, repeated = _csv_rows(csv_path)  # before the slow image scan, so that a broken CSV fails fast
     skipped: List[Tuple[str, str]] = []
     usable, sizes = [], []
     for found in _scan(root, config, skipped):
@@ -358,6 +368,7 @@ def load_dataset(config: DataConfig) -> Dataset:
     if not usable:
         raise _no_usable_image(root, skipped)
     captions, report = _assign_captions(usable, config, csv_path.name if csv_path else "", csv_rows, skipped)
+    report.csv_duplicates = repeated
     samples = [Sample(found.path, caption, nearest_bucket(size, buckets), found.repeats, found.folder, size)
                for found, size, caption in zip(usable, sizes, captions)]
     return Dataset(samples, report, config)

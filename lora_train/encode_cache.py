@@ -4,6 +4,7 @@ A latent is one posterior sample of the VAE for one (image, flip), seeded by its
 file's bytes, the bucket, the flip and a fingerprint of the VAE's weights. The uncached path calls the same
 `encode` every step, so cached and uncached runs train on identical latents. On disk (for big sets) each latent
 is `<key>.safetensors`: a changed image, bucket or VAE gives a new key, so a stale entry can never be read.
+An image deleted or damaged after the dataset scan is left out of its batches with one warning.
 
 Text-encoder outputs are cached per caption (and per sample size where the model conditions on it, as SDXL does)
 when the text encoder is not trained; every caption is encoded alone in both paths, so the cache is exact too.
@@ -12,16 +13,19 @@ when the text encoder is not trained; every caption is encoded alone in both pat
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .images import DECODE_ERRORS
 from .models import SizeInfo
 from .models.conditioning import Cond
 from .runtime import memory_bytes
 
+logger = logging.getLogger(__name__)
 Key = Tuple[int, bool]  # (sample index, flipped)
 
 
@@ -42,6 +46,7 @@ class LatentCache:
         self.folder = Path(folder) if folder is not None else None
         self.vae_id = module_fingerprint(model.encoders()["vae"])
         self.hits = self.misses = 0
+        self.unavailable: Dict[int, str] = {}  # sample index -> why it can no longer be read
         self._keys: Dict[Key, str] = {}
         self._memory: Dict[Key, torch.Tensor] = {}
 
@@ -78,12 +83,33 @@ class LatentCache:
             _save_atomically(path, latent)
         return latent
 
+    def batch(self, indices: List[int], flips: List[bool]) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """(positions kept, their latents stacked); an image that cannot be read any more is left out."""
+        kept, latents = [], []
+        for position, (index, flip) in enumerate(zip(indices, flips)):
+            latent = self._readable_latent(index, flip)
+            if latent is not None:
+                kept.append(position)
+                latents.append(latent)
+        return kept, torch.stack(latents) if latents else None
+
+    def _readable_latent(self, index: int, flip: bool) -> Optional[torch.Tensor]:
+        if index in self.unavailable:
+            return None
+        try:
+            return self.latent(index, flip)
+        except DECODE_ERRORS as error:  # deleted, or changed into something that no longer decodes
+            self.unavailable[index] = str(error)
+            logger.warning("%s cannot be read any more (%s); it is skipped for the rest of the run",
+                           self.dataset.samples[index].path, error)
+            return None
+
     def fill(self, keys: List[Key], progress: Callable[[int], None]) -> None:
         """Makes sure every key is cached (encoding only what is missing); progress(done) after each."""
         for done, (index, flip) in enumerate(keys, 1):
             path = self._path(index, flip)
             if path is None or not path.is_file():
-                self.latent(index, flip)
+                self._readable_latent(index, flip)
             progress(done)
 
     def _path(self, index: int, flip: bool) -> Optional[Path]:

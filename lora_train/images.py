@@ -2,8 +2,9 @@
 
 lora_train.dataset (training) and lora_train.captioning (auto-captioning) both go through this module, so they
 accept the same files, give a broken file the same reason and see the same pixels: fully decoded, EXIF
-orientation applied, transparency composited on white. Hidden files and folders (name starting with ".") are
-never listed.
+orientation applied, transparency composited on white, high-bit-depth greyscale (16-bit PNGs open as mode I or
+I;16) and float images scaled to 8 bits rather than clipped to white. Hidden files and folders (name starting
+with ".") are never listed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+FULL_SCALE = {"I": 65535, "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}  # white
 
 
 def walk_files(folder: Path, recursive: bool = True,
@@ -36,8 +39,20 @@ def find_images(folder: Path, recursive: bool = False) -> List[Path]:
     return [path for path in walk_files(folder, recursive) if path.suffix.lower() in IMAGE_EXTENSIONS]
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A greyscale image of 16 or 32 bits (ints up to 65535, as 16-bit PNGs open) or floats (0..1) as mode L.
+
+    Pillow's convert() clips such values to 255, so every grey above 1/256 would turn white.
+    """
+    if image.mode not in FULL_SCALE:
+        return image
+    values = np.asarray(image, dtype=np.float64) * (255.0 / FULL_SCALE[image.mode])
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; anything with transparency is composited on white."""
+    """RGB pixels; anything with transparency is composited on white, high-bit-depth grey scaled to 8 bits."""
+    image = _to_8_bit(image)
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -90,7 +90,8 @@ class Job:
     def _finish(self, result: Optional[JobResult], error: Optional[BaseException]) -> None:
         if error is not None:
             self.update(state="failed", error=_describe(error), message=f"failed: {_describe(error)}",
-                        advice=dict(getattr(error, "changes", None) or {}), finished=time.time())
+                        advice=dict(getattr(error, "changes", None) or {}), finished=time.time(),
+                        report=dict(getattr(error, "report", None) or {}))  # e.g. where the LoRA went instead
         else:
             self.update(state=result.state, output=result.output, report=result.report, finished=time.time())
         self.done.set()

@@ -1,5 +1,6 @@
 """How a run uses the machine, whatever the model: encoders offloaded while only their cached outputs are needed,
-channels-last convolution weights, fp32 matmul precision, freed heap handed back, a tensor's raw bytes.
+channels-last convolution weights, fp32 matmul precision, the autocast dtype, freed heap handed back, a tensor's
+raw bytes.
 
 Each context manager puts back exactly what it changed.
 """
@@ -168,3 +169,10 @@ def memory_bytes(tensor: torch.Tensor):
     order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
     dense = tensor.permute(order)
     return dense.reshape(-1).view(torch.uint8).numpy() if dense.is_contiguous() else None
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """fp16/bf16 autocast on a GPU; the CPU trains in fp32 (its half-precision kernels are slow or missing)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return None
+    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16

@@ -23,12 +23,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Position, check_settings, load_checkpoint, save_checkpoint
+from .checkpoint import Position, check_settings, checkpoint_folder, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .encode_cache import LatentCache, TextCache
 from .losses import diffusion_target, min_snr_weight, noisy_latents
 from .models.conditioning import Cond
-from .runtime import Offloader, channels_last
+from .runtime import Offloader, autocast_dtype, channels_last
 from .optim import build_optimizer, build_scheduler
 from .schedule import effective_schedule
 
@@ -81,7 +81,7 @@ class Trainer:
             train.learning_rate, train.effective_text_encoder_lr))
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, train.lr_scheduler, train.lr_warmup_steps, self.total_steps)
-        self.autocast_dtype = _autocast_dtype(train.mixed_precision, self.device)
+        self.autocast_dtype = autocast_dtype(train.mixed_precision, self.device)
         self.scaler = _grad_scaler(self.autocast_dtype == torch.float16)
         self.position = Position()
         self.info = StepInfo(total_steps=self.total_steps)
@@ -94,6 +94,8 @@ class Trainer:
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
         self.predict = torch.compile(model.predict) if train.compile else model.predict
         self.last_checkpoint: Optional[Path] = None
+        self.run_id: Optional[str] = None  # written into each checkpoint: the run it belongs to
+        self.save_failures: List[str] = []  # checkpoints and epoch files that could not be written
         self.offloader = Offloader([], self.device)  # encoders leave the device while their outputs are cached
         self.skipped_steps = self.consecutive_skips = 0
         self._epoch_order: Tuple[int, List[List[int]]] = (-1, [])
@@ -167,19 +169,24 @@ class Trainer:
     def _train_step(self) -> None:
         group = self._micro_batches()
         losses = [self._micro_step(micro_step, indices, len(group)) for micro_step, _, indices in group]
-        loss = sum(losses) / len(losses)
+        losses = [loss for loss in losses if loss is not None]  # None: every image of the micro-batch is gone
+        loss = sum(losses) / len(losses) if losses else float("nan")
         self._optimizer_step()
         self.position.step += 1
         self.position.losses.append(loss)
         self.info.step, self.info.epoch = self.position.step, group[-1][1]
         self.info.loss, self.info.lr = self.position.losses[-1], self.scheduler.get_last_lr()[0]
 
-    def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> float:
+    def _micro_step(self, micro_step: int, indices: List[int], group_size: int) -> Optional[float]:
         seed = _micro_seed(self.config.training.seed, micro_step)
         rng, generator = random.Random(seed), torch.Generator(device=self.device).manual_seed(seed)
         flips = [self.config.data.flip_aug and rng.random() < 0.5 for _ in indices]
         captions = [self.dataset.caption_for(index, rng) for index in indices]
-        latents = self._latents(indices, flips)  # before seeding: an uncached encode draws from the global RNG
+        # before seeding: an uncached encode draws from the global RNG; an image gone since the scan is left out
+        kept, latents = self.latents.batch(indices, flips)
+        if not kept:
+            return None
+        indices, flips, captions = ([values[i] for i in kept] for values in (indices, flips, captions))
         torch.manual_seed(seed)  # adapter dropout draws from the global RNG
         with self._autocast():
             cond = self._encode_prompts(captions, indices, flips)
@@ -225,9 +232,6 @@ class Trainer:
         if self.config.model.train_text_encoder:
             return self.model.encode_prompts(captions, sizes)
         return self.texts.encode(captions, sizes)
-
-    def _latents(self, indices: List[int], flips: List[bool]) -> torch.Tensor:
-        return torch.stack([self.latents.latent(i, f) for i, f in zip(indices, flips)])
 
     def _optimizer_step(self) -> None:
         """Clips and applies the gradients; a step whose gradients are not finite is skipped, not applied.
@@ -281,13 +285,19 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def checkpoint_dir(self) -> Path:
-        output = self.config.output
-        return output.checkpoints_dir / f"{output.output_name}-step{self.position.step:06d}"
+        return checkpoint_folder(self.config.output, self.position.step)
 
-    def save_checkpoint(self) -> Path:
-        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        folder = save_checkpoint(self.checkpoint_dir(), self.network.state_dict(), self.optimizer, extra,
-                                 self.position, self.settings)
+    def save_checkpoint(self) -> Optional[Path]:
+        """Writes a checkpoint; one that cannot be written (a full disk) is reported and training goes on."""
+        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "run": self.run_id}
+        try:
+            folder = save_checkpoint(self.checkpoint_dir(), self.network.state_dict(), self.optimizer, extra,
+                                     self.position, self.settings)
+        except OSError as error:
+            self.save_failures.append(f"checkpoint at step {self.position.step}: {error.strerror or error}")
+            logger.warning("the checkpoint at step %d could not be written (%s); training goes on",
+                           self.position.step, error)
+            return None
         self.last_checkpoint = folder
         self._trigger("checkpoint")
         return folder
@@ -302,13 +312,6 @@ class Trainer:
             self.scaler.load_state_dict(saved.extra["scaler"])
         self.position = saved.position
         self.info.step = self.position.step
-
-
-def _autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """fp16/bf16 autocast on a GPU; the CPU trains in fp32 (its half-precision kernels are slow or missing)."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return None
-    return torch.float16 if mixed_precision == "fp16" else torch.bfloat16
 
 
 def _grad_scaler(enabled: bool):

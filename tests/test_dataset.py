@@ -394,3 +394,32 @@ def test_tag_frequency_per_folder(tmp_path: Path):
     (tmp_path / "5_char" / "b.txt").write_text("smile, , blue", encoding="utf-8")
     frequency = load_dataset(make_config(tmp_path)).tag_frequency()
     assert frequency == {"root": {"smile": 1, "red": 1}, "5_char": {"smile": 1, "blue": 1}}
+
+
+def test_a_16_bit_greyscale_png_trains_as_its_grey_not_white(tmp_path: Path):
+    import numpy as np
+
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")  # half grey
+    pixels = load_dataset(make_config(tmp_path)).load_pixels(0)
+    torch.testing.assert_close(pixels, torch.full_like(pixels, 128 / 127.5 - 1))
+
+
+def test_duplicate_csv_rows_are_reported_and_the_last_wins(tmp_path: Path):
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png")
+    (tmp_path / "metadata.csv").write_text("filename,prompt\na.png,first\nb.png,only\na.png,second\n",
+                                           encoding="utf-8")
+    dataset = load_dataset(make_config(tmp_path))
+    assert [s.caption for s in dataset.samples] == ["second", "only"]
+    assert dataset.report.csv_duplicates == ["a.png (2 rows)"]
+    assert "a.png (2 rows)" in dataset.report.summary()
+
+
+@pytest.mark.parametrize("resolution", [64, 128, 192])
+def test_bucket_limits_the_user_did_not_set_follow_a_small_resolution(tmp_path: Path, resolution):
+    save_image(tmp_path / "wide.png", size=(96, 64))
+    config = DataConfig(train_data_dir=str(tmp_path), resolution=resolution)
+    config.validate()
+    sample = load_dataset(config).samples[0]
+    assert sample.bucket[0] * sample.bucket[1] <= resolution ** 2 and sample.bucket[0] >= sample.bucket[1]
+    assert DataConfig(train_data_dir=str(tmp_path)).bucket_range == (256, 1024), "kohya's limits at 512"

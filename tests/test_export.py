@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -128,3 +129,16 @@ def test_diffusers_loader_refuses_a_key_that_matches_no_layer(setup, tmp_path):
     path = save_lora(tmp_path / "stray.safetensors", tensors, {}, "fp32")
     with pytest.raises((AttributeError, ValueError)):
         generate(model, lora_path=path)
+
+
+def test_the_file_gets_the_users_umask_and_the_precision_actually_used(setup):
+    config, model, dataset = setup
+    config.training.mixed_precision = "fp16"  # asked for, but the CPU trains in fp32
+    previous = os.umask(0o022)
+    try:
+        path = export(config, model, dataset, trained_looking_network(config, model))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644, "readable by a WebUI running as another user"
+    with safe_open(str(path), "pt") as file:
+        assert file.metadata()["ss_mixed_precision"] == "no"

@@ -327,3 +327,25 @@ def test_the_tab_fills_the_advice_of_a_failed_run_into_the_settings(webui):
     assert "Applied training.batch_size: 2, training.gradient_checkpointing: True" in outputs[
         next(b for b, block in tab.blocks.items() if getattr(block, "elem_id", None) == "lora_train_status")]
     assert outputs[button._id] == {"visible": False, "__type__": "generic_update"}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"data": {"train_data_dir": "EMPTY"}}, "data.train_data_dir: no images in"),
+    ({"data": {"min_bucket_reso": 256, "max_bucket_reso": 256}}, "data.min_bucket_reso: no bucket has both sides"),
+    ({"output": {"output_name": "n" * 300}}, "output.output_name: 300 characters are too long"),
+    ({"output": {"output_name": "LOCKED"}}, "output.output_name: 'LOCKED' in "),
+])
+def test_the_whole_plan_is_checked_before_a_train_job_is_accepted(webui, sample_images, tmp_path, change, expected):
+    from lora_train import run_lock
+
+    values = train_values(sample_images, NAME)
+    (tmp_path / "empty").mkdir()
+    for section, keys in change.items():
+        values[section].update({key: str(tmp_path / "empty") if value == "EMPTY" else value
+                                for key, value in keys.items()})
+    runner, lora_dir = JobRunner(), A1111Host().lora_dir()
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock.held(lora_dir, "LOCKED", run_id="77"):
+        response = client_for(runner, A1111Host()).post(f"{PREFIX}/train", json={"config": values})
+    assert response.status_code == 422 and expected in detail(response), response.text
+    assert runner.latest() is None, "no job was created"

@@ -135,11 +135,12 @@ def _load_folder(path: Path) -> DiffusersModel:
 
 
 def _load_single_file(path: Path) -> DiffusersModel:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         checkpoint = load_file(str(path))
-    except Exception as error:  # safetensors raises its own untyped errors for damaged headers
+    except (SafetensorError, OSError, ValueError) as error:  # a damaged file; never an interrupt
         raise ModelLoadError(f"{path.name} cannot be read as safetensors ({error}); re-download it") from None
     family = detect_family(checkpoint, path.name)
     if family == "sdxl":

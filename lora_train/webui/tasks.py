@@ -1,8 +1,9 @@
 """The WebUI's two jobs, shared by the tab and the HTTP API: caption (or tag) a folder, train the checkpoint.
 
-Each `*_job` function checks its request synchronously (so the caller can answer 422 at once) and returns the
-work function that `JobRunner.start` runs in its thread. Training lands the LoRA in the WebUI's Lora folder,
-checks it with the WebUI's own loader, refreshes the Lora list and drops cached conditioning.
+Each `*_job` function checks its request synchronously (so the caller can answer 422 at once: for training the
+whole plan, config, dataset, buckets and output) and returns the work function that `JobRunner.start` runs in
+its thread. Training lands the LoRA in the WebUI's Lora folder, checks it with the WebUI's own loader, refreshes
+the Lora list and drops cached conditioning.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from ..captioning import CaptionOptions, create_captioner
 from ..extras import EXTRAS, pip_command, request_install
 from ..tagger import TaggerOptions, is_tagger_model
 from ..config import ConfigError, TrainConfig, config_from_dict
+from ..dataset import Dataset, DatasetError, load_dataset
 from ..export import check_free
 from ..jobs import Job, JobResult
 from ..pipeline import train_lora
+from ..save_plan import check_plan
 from .host import Host
 
 Work = Callable[[Job], JobResult]
@@ -59,6 +62,21 @@ def prepare_train_config(values: Dict[str, Any], host: Host) -> TrainConfig:
     except FileExistsError as error:
         raise ConfigError(f"output.output_name: {error}") from None
     return config
+
+
+def check_train_plan(config: TrainConfig) -> Dataset:
+    """The dataset, its buckets and the output checked now, so that a bad plan is refused before a job exists.
+
+    Raises:
+        ConfigError, SavePlanError, RunLockedError, CheckpointError: what to fix, naming the setting.
+    """
+    try:
+        dataset = load_dataset(config.data)
+    except DatasetError as error:
+        named = str(error) if str(error).startswith("data.") else f"data.train_data_dir: {error}"
+        raise ConfigError(named) from None
+    check_plan(config, dataset)
+    return dataset
 
 
 class HostProgress:
@@ -116,12 +134,14 @@ def train_job(values: Dict[str, Any], host: Host, preview: Optional[PreviewOptio
     """Checks the request now; returns the work that trains and verifies."""
     config = prepare_train_config(values, host)
     host.check_trainable()
+    dataset = check_train_plan(config)
     preview = preview or PreviewOptions()
 
     def work(job: Job) -> JobResult:
         previews = Previews(host, preview, config.output.log_dir.parent / "previews", job)
         with host.exclusive("lora_train", task_id):
-            result = train_lora(config, host.training_model(), callbacks=[HostProgress(job, host), previews])
+            result = train_lora(config, host.training_model(), callbacks=[HostProgress(job, host), previews],
+                                dataset=dataset)
             report = {"steps": result.steps, "total_steps": result.total_steps, "losses": result.losses,
                       "seconds": round(result.seconds, 1), "log_dir": str(result.log_dir),
                       "previews": previews.paths, "epoch_files": [str(p) for p in result.epoch_files],
