@@ -4,7 +4,7 @@ A new family is one file here with one adapter class, listed in `adapters.ADAPTE
 loaded by `diffusers.py` (standalone files), and one entry in `families.FAMILIES` (what its LoRA files say).
 Each adapter owns its key scheme: the stems of its targets, the renames, the blocks to checkpoint.
 `ldm.py` adapts SD1/SD2 as the WebUI holds them, `sgm.py` SDXL as the WebUI holds it, `diffusers.py` loads a
-checkpoint file or a diffusers folder for standalone training.
+checkpoint file or a diffusers folder for standalone training. `forge.py` adapts SD1/SD2 as Forge's engine holds them.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ from torch import nn
 
 from . import DiffusionModel, HeldModel, ModelLoadError
 from .families import SUPPORTED
+from .forge import ForgeModel
 from .ldm import LdmModel
 
 Adapter = Callable[[nn.Module, HeldModel], Optional[DiffusionModel]]
-ADAPTERS: Tuple[Adapter, ...] = (LdmModel.adapt,)
+# Forge first: its engine also has `cond_stage_model` (None) and `get_learned_conditioning`, as ldm models do.
+ADAPTERS: Tuple[Adapter, ...] = (ForgeModel.adapt, LdmModel.adapt)
 
 
 def adapt(module: nn.Module, held: HeldModel) -> DiffusionModel:

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# The UNets' own checkpoint switches: BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint.
+CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
+
 
 def empty_module(cls, **config) -> nn.Module:
     """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""
@@ -43,6 +46,29 @@ def checkpointed(blocks: List[nn.Module]) -> Iterator[None]:
             del block.forward
             if previous is not None:
                 block.forward = previous
+
+
+def compvis_blocks(unet: nn.Module) -> List[nn.Module]:
+    """The blocks of a compvis-layout UNet (ldm, sgm, Forge) that `checkpointed` wraps."""
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+@contextlib.contextmanager
+def checkpoint_flags_off(unet: nn.Module) -> Iterator[None]:
+    """The UNet's own checkpoint switches (BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint) off.
+
+    ldm's reentrant checkpoint only differentiates a block's own parameters (adapters inside it would get no
+    gradient); Forge's raises NotImplementedError. `checkpointed` is the replacement.
+    """
+    saved = [(m, name, getattr(m, name)) for m in unet.modules() for name in CHECKPOINT_FLAGS
+             if isinstance(getattr(m, name, None), bool) and getattr(m, name)]
+    try:
+        for module, name, _ in saved:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _checkpointed_forward(forward):

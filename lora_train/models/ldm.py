@@ -16,15 +16,12 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import checkpointed, frozen
+from .common import checkpoint_flags_off, checkpointed, compvis_blocks, frozen
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, compvis_to_diffusers_path,
                        find_targets, unet_blocks)
 
 logger = logging.getLogger(__name__)
-
-# ldm's own checkpoint switches: BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint.
-_LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
 
 
 def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
@@ -104,24 +101,7 @@ class LdmModel:
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.sd_model))
-            stack.enter_context(_ldm_checkpointing_off(self.unet))
+            stack.enter_context(checkpoint_flags_off(self.unet))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed(_unet_blocks(self.unet)))
+                stack.enter_context(checkpointed(compvis_blocks(self.unet)))
             yield
-
-
-def _unet_blocks(unet: nn.Module) -> List[nn.Module]:
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-
-
-@contextlib.contextmanager
-def _ldm_checkpointing_off(unet: nn.Module) -> Iterator[None]:
-    saved = [(m, name, getattr(m, name)) for m in unet.modules() for name in _LDM_CHECKPOINT_FLAGS
-             if isinstance(getattr(m, name, None), bool) and getattr(m, name)]
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, False)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
