@@ -35,6 +35,7 @@ class ForgeModel:
     """DiffusionModel over a Forge engine holding SD1 or SD2."""
 
     size_conditioned = False  # the conditioning depends on the caption only
+    relayout = False  # the job's weights share Forge's memory: channels-last would copy every convolution
 
     def __init__(self, engine, family: str, name: str = "", device: Optional[torch.device] = None,
                  clip_skip: int = 1):
