@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_attention import FusedProjection, attach_fused_attention
+from .layers import is_linear
 from .targets import UNET_PREFIX, Target
 
 
@@ -59,12 +60,12 @@ class LoRAModule(nn.Module):
                                        base.dilation, bias=False)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
             self._conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-        elif isinstance(base, (nn.Linear, FusedProjection)):
+        elif isinstance(base, FusedProjection) or is_linear(base):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
             self._conv_args = None
         else:
-            raise TypeError(f"LoRA adapts nn.Linear, nn.Conv2d or a FusedProjection, not {type(base).__name__}")
+            raise TypeError(f"LoRA adapts Linear or Conv2d layers or a FusedProjection, not {type(base).__name__}")
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank = rank
         self.scale = float(alpha) / rank

@@ -19,13 +19,14 @@ from typing import Callable, Dict, FrozenSet, Optional, Union
 from torch import nn
 
 from .fused_attention import FusedProjection
+from .layers import is_adaptable
 
 # Transformer blocks of the UNet: proj_in/out, attn1/attn2 q/k/v/out, ff (ldm and diffusers class names).
 UNET_ATTENTION_BLOCKS = frozenset({"SpatialTransformer", "Transformer2DModel"})
 # ResNet blocks and resamplers: the extra targets of LoCon (model.conv_rank > 0).
 UNET_CONV_BLOCKS = frozenset({"ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D"})
-# CLIP text encoder layers as transformers holds them: q/k/v/out_proj and mlp fc1/fc2.
-TEXT_ENCODER_BLOCKS = frozenset({"CLIPAttention", "CLIPMLP"})
+# CLIP text encoder layers as transformers holds them (eager, SDPA or flash attention): q/k/v/out_proj, mlp fc1/fc2.
+TEXT_ENCODER_BLOCKS = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"})
 
 # OpenCLIP resblock: kohya stem suffix -> (module path in the block, projection of a fused attention or None).
 OPEN_CLIP_LAYER_TARGETS = (
@@ -59,7 +60,7 @@ def find_targets(root: nn.Module, blocks: FrozenSet[str], prefix: str,
         if type(block).__name__ not in blocks:
             continue
         for child_path, child in block.named_modules():
-            if child_path and isinstance(child, (nn.Linear, nn.Conv2d)):
+            if child_path and is_adaptable(child):
                 path = f"{block_path}.{child_path}"
                 path = rename(path) if rename else path
                 targets[f"{prefix}_{path.replace('.', '_')}"] = child

@@ -129,7 +129,8 @@ class Trainer:
         encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
         self.offloader = Offloader(encoders, self.device)
         # the UNet changes memory order only while the encoders are away, so their weights and its copies never add up
-        with self.offloader, channels_last(self.model.unet, self.config.training.channels_last):
+        relayout = self.config.training.channels_last and getattr(self.model, "relayout", True)  # False: host memory
+        with self.offloader, channels_last(self.model.unet, relayout):
             self._trigger("start")
             started, start_step = time.perf_counter(), self.position.step
             while self.position.step < self.total_steps and self.stop_mode is None:

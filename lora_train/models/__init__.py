@@ -5,7 +5,7 @@ loaded by `diffusers.py` (standalone files), and one entry in `families.FAMILIES
 Each adapter owns its key scheme: the stems of its targets, the renames, the blocks to checkpoint.
 `ldm.py` adapts SD1/SD2 as the WebUI holds them, `sgm.py` SDXL as the WebUI holds it, `diffusers.py` loads a
 checkpoint file or a diffusers folder for standalone training (SDXL ones in `diffusers_xl.py`; `detect.py` tells
-what a file is).
+what a file is). `forge.py` adapts SD1/SD2 as Forge's engine holds them.
 """
 
 from __future__ import annotations

@@ -13,12 +13,14 @@ from torch import nn
 
 from . import DiffusionModel, HeldModel, ModelLoadError
 from .families import SUPPORTED
+from .forge import ForgeModel
 from .ldm import LdmModel
 from .sgm import SgmModel
 
 Adapter = Callable[[nn.Module, HeldModel], Optional[DiffusionModel]]
-# SDXL first: the WebUI's SDXL model also has the cond_stage_model and get_learned_conditioning that mark ldm's
-ADAPTERS: Tuple[Adapter, ...] = (SgmModel.adapt, LdmModel.adapt)
+# Forge's engine and the WebUI's SDXL model both also have the `cond_stage_model` and `get_learned_conditioning`
+# that mark ldm's, so they come first.
+ADAPTERS: Tuple[Adapter, ...] = (ForgeModel.adapt, SgmModel.adapt, LdmModel.adapt)
 
 
 def adapt(module: nn.Module, held: HeldModel) -> DiffusionModel:

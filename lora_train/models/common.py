@@ -13,6 +13,11 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ModelLoadError
 
+# The UNets' own checkpoint switches (BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint), turned off
+# for training: ldm's reentrant checkpoint only differentiates a block's own parameters (adapters inside it would
+# get no gradient) and Forge's raises NotImplementedError; `checkpointed` is the replacement.
+CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
+
 
 def empty_module(cls, **config) -> nn.Module:
     """The module with its weights on the meta device: no memory, no random init, until weights are assigned."""

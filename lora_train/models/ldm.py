@@ -18,15 +18,12 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
+from .common import CHECKPOINT_FLAGS, HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, compvis_to_diffusers_path,
                        find_open_clip_targets, find_targets, unet_blocks)
 
 logger = logging.getLogger(__name__)
-
-# ldm's own checkpoint switches: BasicTransformerBlock.checkpoint, ResBlock/UNet use_checkpoint.
-_LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
 
 
 def _clip_text_model(cond_stage_model: nn.Module) -> nn.Module:
@@ -116,8 +113,7 @@ class LdmModel(HeldUNetPlacement):
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(frozen(self.sd_model))
-            stack.enter_context(switched_off(self.unet, _LDM_CHECKPOINT_FLAGS))
+            stack.enter_context(switched_off(self.unet, CHECKPOINT_FLAGS))
             if gradient_checkpointing:
                 stack.enter_context(checkpointed(checkpoint_blocks(self.unet)))
             yield
-

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
+from .common import CHECKPOINT_FLAGS, HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, Target, find_open_clip_targets,
                        find_targets, unet_blocks)
@@ -30,7 +30,7 @@ from ..targets import (TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, 
 TE1_PREFIX = "lora_te1"  # SDXL's first text encoder (CLIP ViT-L)
 # sgm's own checkpoint switches (ResBlock/UNet use_checkpoint, BasicTransformerBlock checkpoint) and open_clip's
 # Transformer.grad_checkpointing: all reentrant, which gives adapters inside a block no gradient.
-_SGM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "grad_checkpointing")
+_SGM_CHECKPOINT_FLAGS = (*CHECKPOINT_FLAGS, "grad_checkpointing")
 # The conditioner's batch keys of SDXL's size/crop embedders, with the SizeInfo field each one encodes.
 _SIZE_KEYS = (("original_size_as_tuple", "original"), ("crop_coords_top_left", "crop_top_left"),
               ("target_size_as_tuple", "target"))

@@ -12,7 +12,11 @@ from .host import Host
 
 
 def pick_host() -> Host:
-    """The host for the WebUI this process runs."""
+    """The host for the WebUI this process runs: Forge (detected by its `modules_forge`), else A1111."""
+    from .forge import ForgeHost, is_forge
+
+    if is_forge():
+        return ForgeHost()
     from .a1111 import A1111Host
 
     return A1111Host()

@@ -2,6 +2,7 @@
 
 `a1111.py` is AUTOMATIC1111 1.10 (and the WebUIs that keep its shell). A new WebUI is one new file implementing
 `Host`, chosen in `callbacks.pick_host()`; the tab, the API and the jobs only ever see the protocol.
+`forge.py` is Stable Diffusion WebUI Forge.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Stand-in for backend/patcher: ModelPatcher and the LoRA loader."""
