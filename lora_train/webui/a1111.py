@@ -49,10 +49,14 @@ class A1111Host:
             raise HostError("training cannot run with --lowvram (it moves the model layer by layer); restart "
                             "the WebUI without it, or with --medvram")
 
-    def _adapted(self) -> DiffusionModel:
+    def compute_device(self):
+        """Where the WebUI runs the model (with --medvram not where its weights sit between calls)."""
         from modules import devices
 
-        held = HeldModel(name=self.checkpoint_name(), device=devices.device,
+        return devices.device
+
+    def _adapted(self) -> DiffusionModel:
+        held = HeldModel(name=self.checkpoint_name(), device=self.compute_device(),
                          clip_skip=int(getattr(self.shared().opts, "CLIP_stop_at_last_layers", 1) or 1))
         try:
             return adapt(self.sd_model(), held)

@@ -18,8 +18,7 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from ..models import DiffusionModel, HeldModel, ModelLoadError
-from ..models.adapters import adapt
+from ..models import DiffusionModel
 from .a1111 import A1111Host, _networks
 from .host import HostError, Verification
 
@@ -58,15 +57,11 @@ class ForgeHost(A1111Host):
                 raise HostError(f"Forge could not load a checkpoint ({error}); pick one at the top of the page")
         return self.sd_model()
 
-    def _adapted(self) -> DiffusionModel:
+    def compute_device(self):
+        """The device Forge's memory manager computes on."""
         from backend import memory_management
 
-        held = HeldModel(name=self.checkpoint_name(), device=memory_management.get_torch_device(),
-                         clip_skip=int(getattr(self.shared().opts, "CLIP_stop_at_last_layers", 1) or 1))
-        try:
-            return adapt(self.sd_model(), held)
-        except ModelLoadError as error:
-            raise HostError(str(error)) from None
+        return memory_management.get_torch_device()
 
     def training_model(self) -> DiffusionModel:
         """The engine with no LoRA merged, its UNet, text encoder and VAE placed by Forge's memory manager."""
