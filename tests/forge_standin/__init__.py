@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
-import shlex
-import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from webui_standin import EXTENSION_FOLDER, REPO, load_tiny_ldm
+from webui_standin import load_tiny_ldm, started
 
 STANDIN = Path(__file__).resolve().parent
 LORA_EXTENSION = STANDIN / "extensions-builtin" / "sd_forge_lora"
@@ -43,31 +39,14 @@ def _standin_module(name: str) -> bool:
 @contextlib.contextmanager
 def installed(factory: Callable, data_dir: Path, args: Sequence[str] = ()) -> Iterator:
     """The stand-in Forge for a with-block with the tiny checkpoint selected (factory builds it); yields shared."""
-    data_dir = Path(data_dir)
-    extension = data_dir / "extensions" / EXTENSION_FOLDER
-    extension.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "preload.py", extension / "preload.py")
-    saved_path, saved_args = list(sys.path), os.environ.get("COMMANDLINE_ARGS")
-    saved_modules = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _standin_module(n)]}
-    os.environ["COMMANDLINE_ARGS"] = shlex.join(["--data-dir", str(data_dir), *args])
-    sys.path[:0] = [str(STANDIN), str(LORA_EXTENSION)]
-    try:
-        shared = importlib.import_module("modules.shared")
+    with started(data_dir, args, [STANDIN, LORA_EXTENSION], _standin_module) as shared:
         sd_models = importlib.import_module("modules.sd_models")
         importlib.import_module("networks")
         shared.sd_model = sd_models.model_data.sd_model
         sd_models.model_data.factory = factory
-        sd_models.model_data.checkpoint = str(data_dir / "models" / "Stable-diffusion" / "tiny-sd1.safetensors")
+        models = Path(data_dir) / "models" / "Stable-diffusion"
+        sd_models.model_data.checkpoint = str(models / "tiny-sd1.safetensors")
         yield shared
-    finally:
-        for name in [n for n in sys.modules if _standin_module(n)]:
-            del sys.modules[name]
-        sys.modules.update(saved_modules)
-        sys.path[:] = saved_path
-        if saved_args is None:
-            os.environ.pop("COMMANDLINE_ARGS", None)
-        else:
-            os.environ["COMMANDLINE_ARGS"] = saved_args
 
 
 def forge_engine(checkpoint: Path):

@@ -36,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -57,24 +57,23 @@ def _standin_module(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequence[str] = ()) -> Iterator:
-    """The stand-in WebUI for a with-block, holding sd_model (None: no checkpoint loaded); yields modules.shared."""
+def started(data_dir: Path, args: Sequence[str], paths: Sequence[Path],
+            is_standin: Callable[[str], bool]) -> Iterator:
+    """A stand-in WebUI's process state for a with-block: this extension's preload.py in <data_dir>/extensions,
+    the command line `--data-dir data_dir` plus args, `paths` first on sys.path; yields modules.shared. Afterwards
+    sys.path, the modules `is_standin` names and $COMMANDLINE_ARGS are as they were."""
     data_dir = Path(data_dir)
     extension = data_dir / "extensions" / EXTENSION_FOLDER
     extension.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "preload.py", extension / "preload.py")
     saved_path, saved_args = list(sys.path), os.environ.get("COMMANDLINE_ARGS")
-    saved_modules = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _standin_module(n)]}
+    saved_modules = {name: sys.modules.pop(name) for name in [n for n in sys.modules if is_standin(n)]}
     os.environ["COMMANDLINE_ARGS"] = shlex.join(["--data-dir", str(data_dir), *args])
-    sys.path[:0] = [str(STANDIN), str(LORA_EXTENSION)]
+    sys.path[:0] = [str(path) for path in paths]
     try:
-        shared = importlib.import_module("modules.shared")
-        importlib.import_module("networks")  # the built-in's scripts import it at start-up
-        if sd_model is not None:
-            load_model(shared, sd_model)
-        yield shared
+        yield importlib.import_module("modules.shared")
     finally:
-        for name in [n for n in sys.modules if _standin_module(n)]:
+        for name in [n for n in sys.modules if is_standin(n)]:
             del sys.modules[name]
         sys.modules.update(saved_modules)
         sys.path[:] = saved_path
@@ -82,6 +81,16 @@ def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequenc
             os.environ.pop("COMMANDLINE_ARGS", None)
         else:
             os.environ["COMMANDLINE_ARGS"] = saved_args
+
+
+@contextlib.contextmanager
+def installed(sd_model: Optional[torch.nn.Module], data_dir: Path, args: Sequence[str] = ()) -> Iterator:
+    """The stand-in WebUI for a with-block, holding sd_model (None: no checkpoint loaded); yields modules.shared."""
+    with started(data_dir, args, [STANDIN, LORA_EXTENSION], _standin_module) as shared:
+        importlib.import_module("networks")  # the built-in's scripts import it at start-up
+        if sd_model is not None:
+            load_model(shared, sd_model)
+        yield shared
 
 
 def load_model(shared, sd_model: torch.nn.Module) -> None:
