@@ -21,16 +21,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .network import LoRAModule
-
 PROJECTIONS = ("q", "k", "v", "out")
+# An adapter as the attention calls it: (projection input, multiplier) -> the update to add (a LoRAModule).
+ProjectionAdapter = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 class FusedAttentionError(ValueError):
@@ -73,7 +72,7 @@ class FusedAttentionOverride:
             self._attention = None
 
 
-def attach_fused_attention(attention: nn.MultiheadAttention, adapters: Dict[str, "LoRAModule"],
+def attach_fused_attention(attention: nn.MultiheadAttention, adapters: Dict[str, ProjectionAdapter],
                            multiplier: Callable[[], float]) -> FusedAttentionOverride:
     """Makes `attention` run with the adapters of its projections (a subset of PROJECTIONS) until remove().
 
@@ -87,7 +86,7 @@ def attach_fused_attention(attention: nn.MultiheadAttention, adapters: Dict[str,
     return FusedAttentionOverride(attention)
 
 
-def lora_attention(attention: nn.MultiheadAttention, adapters: Dict[str, "LoRAModule"],
+def lora_attention(attention: nn.MultiheadAttention, adapters: Dict[str, ProjectionAdapter],
                    multiplier: Callable[[], float], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                    attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
@@ -118,7 +117,7 @@ def lora_attention(attention: nn.MultiheadAttention, adapters: Dict[str, "LoRAMo
 
 
 def _projected(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               adapter: Optional["LoRAModule"], multiplier: float) -> torch.Tensor:
+               adapter: Optional[ProjectionAdapter], multiplier: float) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     return y if adapter is None else y + adapter(x, multiplier).to(y.dtype)
 
