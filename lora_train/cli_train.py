@@ -128,7 +128,9 @@ def _train(config: TrainConfig, apply_advice: bool = False) -> int:
     print(dataset.report.summary(), file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {config.model.base_model} on {device}", file=sys.stderr)
-    model = load_diffusers_model(config.model.base_model).to(device, _weight_dtype(config, device))
+    # on the CPU the UNet is read only after the caches are filled (on a GPU the memory preflight needs it first)
+    model = load_diffusers_model(config.model.base_model, device, _weight_dtype(config, device),
+                                 defer_unet=device.type == "cpu")
     progress = _Progress()
     previous = signal.signal(signal.SIGINT, progress.interrupt)
     try:
