@@ -51,6 +51,12 @@ class SafetensorsFile(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self:
             raise KeyError(key)
+        tensor = self.read_stored(key)
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=self.device, dtype=dtype)
+
+    def read_stored(self, key: str) -> torch.Tensor:
+        """The tensor as the file stores it, in a buffer of its own."""
         entry = self._entries[key]
         tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
         start, end = entry["data_offsets"]
@@ -58,8 +64,7 @@ class SafetensorsFile(Mapping):
             file.seek(self._data_start + start)
             if tensor.numel() and file.readinto(memory_bytes(tensor)) != end - start:
                 raise ModelLoadError(f"{self.path.name} is truncated (at {key}); re-download it")
-        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype)
+        return tensor
 
     def pop(self, key: str, *default):
         if key not in self and default:
