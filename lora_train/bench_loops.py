@@ -4,6 +4,8 @@
   parameters trainable, nothing else; for sd15/sdxl only the UNet is built). No LoRA step can be faster than this.
 - ours: `pipeline.train_lora` under the default config (batch size, rank and text-encoder training as asked).
 - fast: ours with FAST_PATH on top of the defaults; compiled: ours with training.compile (torch.compile).
+- cli: what `lora-train train` does, from the checkpoint file on: `cli_train.load_for_training` (read tensor by
+  tensor, the UNet only after caching), then ours; its peak memory is the whole command's.
 - reference: a plain loop in the style of diffusers' `examples/text_to_image/train_text_to_image_lora.py`
   (`train_text_to_image_lora_sdxl.py` for SDXL): peft-injected LoRA, the VAE and the text encoder(s) run every step.
 
@@ -45,6 +47,8 @@ class BenchSettings:
     threads: int = 0  # torch threads per row; 0 = torch's default
     gradient_checkpointing: bool = False  # in every row (ours through its config)
     seed: int = 0
+    checkpoint: str = ""  # the file (or folder) the cli row loads; "" = model
+
 
     @property
     def total_steps(self) -> int:
@@ -78,11 +82,14 @@ def run_row(name: str, settings: BenchSettings) -> RowResult:
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_bench_model(settings.model, device, encoders=name != "floor")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         images = write_bench_images(Path(folder) / "images", settings)
-        loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast, "compiled": _compiled}[name]
-        times, losses = loop(model, images, settings, Path(folder))
+        if name == "cli":
+            model, (times, losses) = _cli(images, settings, Path(folder))
+        else:
+            model = build_bench_model(settings.model, device, encoders=name != "floor")
+            loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast, "compiled": _compiled}
+            times, losses = loop[name](model, images, settings, Path(folder))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     setup = times[0] if name in ("fast", "compiled") else 0.0
@@ -127,6 +134,16 @@ def _ours(model, images: Path, settings: BenchSettings, out: Path, **training) -
             marks.append(time.perf_counter())
     result = train_lora(_bench_config(images, settings, out, **training), model, callbacks=[clock])
     return [after - before for before, after in zip(marks, marks[1:])], result.losses
+
+
+def _cli(images: Path, settings: BenchSettings, out: Path):
+    """(model, (times, losses)) of the command line's run on the checkpoint file `settings.model`."""
+    from .cli_train import load_for_training
+
+    config = _bench_config(images, settings, out)
+    config.model.base_model = settings.checkpoint or settings.model
+    model = load_for_training(config, torch.device(settings.device))
+    return model, _ours(model, images, settings, out)
 
 
 def _fast(model, images: Path, settings: BenchSettings, out: Path) -> Tuple[List[float], List[float]]:

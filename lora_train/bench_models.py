@@ -5,7 +5,8 @@ way users' files are; any other path is a user's SD1/SD2/SDXL checkpoint file or
 real SD1.5 architecture, randomly initialised: UNet (859.5M parameters, diffusers' default UNet config is
 SD1's), the SD VAE and the CLIP ViT-L/14 text encoder. `sdxl` is SDXL base's: UNet (2567.5M), the VAE's
 architecture (SDXL's differs from SD's in weights only), CLIP ViT-L/14 and OpenCLIP ViT-bigG/14's text towers.
-Random weights time exactly like trained ones.
+Random weights time exactly like trained ones. `write_sd15_file` saves the sd15 architecture as users download
+it: one fp16 `.safetensors` in the original ldm layout (built with ldm's own UNet and VAE classes).
 """
 
 from __future__ import annotations
@@ -81,6 +82,35 @@ def _sdxl(encoders: bool) -> DiffusersModel:
     tokenizers = [CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad)) for pad in (EOS, OPEN_CLIP_PAD)]
     return SdxlModel(unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
                      alphas_cumprod=scaled_linear_alphas_cumprod(), prediction="epsilon", name="sdxl-random")
+
+
+def write_sd15_file(path: Path, seed: int = 0) -> Path:
+    """An SD1.5-architecture single file (random weights, fp16, ldm layout), built one component at a time and
+    halved in place, so building it takes about the fp32 UNet's memory."""
+    from ldm.util import instantiate_from_config
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from .models.diffusers import CONFIG_DIR, load_model_config
+    from .tiny import randomise_zero_weights
+
+    params = load_model_config(CONFIG_DIR / "ldm" / "sd1.yaml").model.params
+    params.first_stage_config.params.lossconfig = {"target": "torch.nn.Identity"}
+    torch.manual_seed(seed)
+    builders = {"model.diffusion_model.": lambda: randomise_zero_weights(
+                    instantiate_from_config(params.unet_config), seed + 1),
+                "first_stage_model.": lambda: instantiate_from_config(params.first_stage_config),
+                "cond_stage_model.transformer.": lambda: CLIPTextModel(sd1_vit_l_config())}
+    tensors = {}
+    for prefix, build in builders.items():
+        module = build()
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tensor.data = tensor.data.half() if tensor.is_floating_point() else tensor.data
+        tensors.update({prefix + name: value.contiguous() for name, value in module.state_dict().items()})
+        del module
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
 
 
 def write_bench_images(folder: Path, settings) -> Path:

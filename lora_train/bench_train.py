@@ -4,7 +4,9 @@ One command runs, on the same model, images and settings, the loops of `lora_tra
 reference; with `--fast` also ours with the fast-path settings, with `--compile` ours with torch.compile), each
 in a fresh process so that peak memory is per row, in interleaved rounds (`lora_train.bench_rounds`), and prints
 ms/step (median over the rounds of each round's median after warm-up) with its spread, it/s, peak memory, the
-ratios ours/floor and ours/reference taken within each round, and whether they hold to ±5 %.
+ratios ours/floor and ours/reference taken within each round, and whether they hold to ±5 %. The cli row is the
+command line's whole run from the checkpoint file (tiny and sd15 are written as one first; not for sdxl), so its
+peak memory, beside the floor's, is what `lora-train train` takes.
 On the CPU the peak is the process's peak RSS (everything: Python, torch, weights, activations); on a GPU it is
 `torch.cuda.max_memory_allocated`. The load average is printed before and after.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from .bench_loops import FAST_PATH, BenchSettings, RowResult, run_row
-from .bench_models import BENCH_ARCHITECTURES
+from .bench_models import BENCH_ARCHITECTURES, write_sd15_file
 from .bench_rounds import RowRounds, ratio, run_rounds, verdict
 from .tiny import build_tiny_checkpoint
 
@@ -65,6 +67,10 @@ def format_ratios(results: Dict[str, RowRounds]) -> str:
     lines = [f"{label:<15} time {ratios[label].describe()}  memory "
              f"{ours.peak_bytes / results[other].peak_bytes:.3f}"
              for label, other in (("ours/floor", "floor"), ("ours/reference", "reference"))]
+    if "cli" in results:
+        cli = results["cli"]
+        lines.append(f"{'cli/floor':<15} time {ratio(results, 'cli', 'floor').describe()}  memory "
+                     f"{cli.peak_bytes / results['floor'].peak_bytes:.3f} (the whole command, from the file)")
     for name in ("fast", "compiled"):
         if name in results:
             drift = max(abs(a - b) for a, b in zip(results[name].first.losses, ours.first.losses))
@@ -124,10 +130,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def _run_model_rows(settings: BenchSettings, names: List[str], rounds: int) -> Dict[str, RowRounds]:
-    if settings.model != "tiny":
+    """Runs the rows; tiny and sd15 are first written as the single file the cli row (and tiny's others) load."""
+    if settings.model not in ("tiny", "sd15"):
         return run_rounds(settings, names, rounds, run_in_process)
-    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:
-        settings.model = str(build_tiny_checkpoint(Path(folder)))
+    with tempfile.TemporaryDirectory(prefix=f"bench-{settings.model}-") as folder:
+        if settings.model == "tiny":
+            settings.model = settings.checkpoint = str(build_tiny_checkpoint(Path(folder)))
+        else:
+            settings.checkpoint = str(write_sd15_file(Path(folder) / "sd15-random.safetensors"))
         return run_rounds(settings, names, rounds, run_in_process)
 
 
@@ -146,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
           f"{settings.rank}, UNet only{CHECKPOINTING[settings.gradient_checkpointing]}, median of {settings.steps} "
           f"or more steps after {settings.warmup} in each of {args.rounds} interleaved rounds, "
           f"{threads} threads, load average {_load()}")
-    names = ["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
+    names = (["floor", "ours", "reference"] + ["fast"] * args.fast + ["compiled"] * args.compile
+             + ["cli"] * (settings.model != "sdxl"))  # the sdxl architecture has no single file to load
     try:
         results = _run_model_rows(settings, names, args.rounds)
     except BenchRowError as error:

@@ -119,16 +119,23 @@ class _Progress:
             self.bar = None
 
 
+def load_for_training(config: TrainConfig, device) -> "DiffusersModel":
+    """The config's base model as a run needs it: on `device`, cast as it is read; on the CPU its UNet is read
+    only once the caches are filled (on a GPU the memory preflight runs it first)."""
+    from .models.diffusers import load_diffusers_model
+
+    return load_diffusers_model(config.model.base_model, device, _weight_dtype(config, device),
+                                defer_unet=device.type == "cpu")
+
+
 def _train(config: TrainConfig, apply_advice: bool = False) -> int:
     import torch
-
-    from .models.diffusers import load_diffusers_model
 
     dataset = load_dataset(config.data)
     print(dataset.report.summary(), file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {config.model.base_model} on {device}", file=sys.stderr)
-    model = load_diffusers_model(config.model.base_model).to(device, _weight_dtype(config, device))
+    model = load_for_training(config, device)
     progress = _Progress()
     previous = signal.signal(signal.SIGINT, progress.interrupt)
     try:

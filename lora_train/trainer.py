@@ -4,7 +4,8 @@ It knows the diffusion maths and the `DiffusionModel` protocol, nothing about th
 Every random draw of micro-step k comes from generators seeded with (seed, k), so a run is deterministic for a
 seed and a resumed run continues exactly where the checkpoint left off. Latents and (when the text encoder is not
 trained) text-encoder outputs come from `encode_cache`, identical whether cached or not; when both are cached,
-the VAE and text encoder are offloaded for the loop and brought back exactly afterwards. Progress goes to callbacks
+the VAE and text encoder are offloaded for the loop and brought back exactly afterwards; a model whose UNet is still
+in its file (`load_unet`) reads it only then. Progress goes to callbacks
 `fn(event, trainer)` with events "cache", "start", "step", "epoch", "checkpoint"; `request_stop("save"|"discard")` is
 honoured before the next micro-batch.
 """
@@ -127,10 +128,9 @@ class Trainer:
         if self.config.training.resume_from_checkpoint:
             self.resume(Path(self.config.training.resume_from_checkpoint))
         encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
-        self.offloader = Offloader(encoders, self.device)
         # the UNet changes memory order only while the encoders are away, so their weights and its copies never add up
         relayout = self.config.training.channels_last and getattr(self.model, "relayout", True)  # False: host memory
-        with self.offloader, channels_last(self.model.unet, relayout):
+        with self._encoders_away(encoders), self._unet_loaded(), channels_last(self.model.unet, relayout):
             self._trigger("start")
             started, start_step = time.perf_counter(), self.position.step
             while self.position.step < self.total_steps and self.stop_mode is None:
@@ -139,6 +139,24 @@ class Trainer:
                 self.info.seconds_per_step = (time.perf_counter() - started) / done
                 self._after_step()
         return self.position
+
+    @contextlib.contextmanager
+    def _encoders_away(self, encoders: List[torch.nn.Module]):
+        """Offloads the encoders for the loop; afterwards they come back, or, for a model that brings them back
+        itself when it next uses them (`restore_when_used`), they stay away until then."""
+        self.offloader = Offloader(encoders, self.device)
+        self.offloader.offload()
+        try:
+            yield
+        finally:
+            getattr(self.model, "restore_when_used", lambda _away: self.offloader.restore())(self.offloader)
+
+    @contextlib.contextmanager
+    def _unet_loaded(self):
+        """A model that keeps its UNet in the file until needed (the CLI's) reads it now: after the caches are
+        filled and the encoders are away, so the UNet's weights and theirs are never in memory together."""
+        getattr(self.model, "load_unet", lambda: None)()
+        yield
 
     def _after_step(self) -> None:
         self._trigger("step")

@@ -1,5 +1,6 @@
-"""`python -m lora_train bench train` on the tiny model: three rows (floor, ours, reference), both ratios taken over
-interleaved rounds, and the verdict on their precision; the rounds' bookkeeping on made-up timings."""
+"""`python -m lora_train bench train` on the tiny model: four rows (floor, ours, reference, the CLI's whole run from
+the file), both ratios taken over interleaved rounds, and the verdict on their precision; the rounds' bookkeeping
+on made-up timings."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROW = r"^{name}\s+\d+\.\d+\s+\d+\.\d+%\s+\d+\.\d+\s+\d+\.\d+ GiB\s+\d+\.\d+x"
 
 
 @pytest.mark.parametrize("extra", [["--rounds", "1"], ["--gradient-checkpointing", "--fast", "--rounds", "2"]])
-def test_bench_train_tiny_prints_three_rows_and_both_ratios(capsys, extra):
+def test_bench_train_tiny_prints_four_rows_and_both_ratios(capsys, extra):
     assert main(["bench", "train", "--model", "tiny", "--steps", "1", "--warmup", "1", "--threads", "1", *extra]) == 0
     printed = capsys.readouterr().out
     rounds = int(extra[-1])
@@ -26,8 +27,9 @@ def test_bench_train_tiny_prints_three_rows_and_both_ratios(capsys, extra):
     assert bool(over) == (rounds == 2), printed
     judged = re.search(r"^(ratios within ±5% over 2 rounds: trustworthy|NOT trustworthy to ±5%: )", printed, re.M)
     assert bool(judged) == (rounds == 2) and ("precision is unknown" in printed) == (rounds == 1)
-    for name in ("floor", "ours", "reference"):
+    for name in ("floor", "ours", "reference", "cli"):
         assert re.search(ROW.format(name=name), printed, re.MULTILINE), printed
+    assert re.search(r"^cli/floor\s+time \d+\.\d{3}.*memory \d+\.\d{3} \(the whole command", printed, re.M), printed
     assert re.search(r"^ours/floor\s+time \d+\.\d{3}", printed, re.MULTILINE), printed
     assert re.search(r"^ours/reference\s+time \d+\.\d{3}", printed, re.MULTILINE), printed
 

@@ -304,7 +304,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tiny_checkpo
                                                                     capsys, monkeypatch):
     def interrupted(path):
         raise KeyboardInterrupt
-    monkeypatch.setattr("safetensors.torch.load_file", interrupted)
+    monkeypatch.setattr("lora_train.models.safetensors_file.read_header", interrupted)
     config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
     code, last, _ = run_cli(config, tmp_path, capsys)
     assert code == 130 and last.startswith("interrupted: ") and "re-download" not in last

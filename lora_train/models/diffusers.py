@@ -6,13 +6,16 @@ same name beside it (as the WebUI does), else the bundled SD1/SD2 config for the
 keys; SD2 eps vs v is then told by the WebUI's test (a v-model pushes a constant input strongly negative).
 The text encoder is sized from its weights and the CLIP tokenizer built from open_clip's vocabulary
 (`text_encoders.py`), so nothing is fetched from a hub. Pickled .ckpt/.pt files are refused: loading them can run code.
+A single file is read tensor by tensor, each cast to the run's dtype as it is read (`safetensors_file.py`); with
+`defer_unet` the UNet stays in the file until `load_unet()`, which the trainer calls once the caches are filled and
+the encoders are away, so a run on the CPU never holds the encoders and the UNet at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -22,7 +25,9 @@ from .common import checkpointed, empty_module, frozen, load_weights, scaled_lin
 from .conditioning import Cond
 from .detect import detect_family
 from .families import SUPPORTED
+from .safetensors_file import SafetensorsFile
 from .text_encoders import convert_text_encoder
+from ..runtime import Offloader
 from ..targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, find_targets, unet_blocks
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -36,17 +41,37 @@ class DiffusersModel:
     clip_skip = 1  # the text encoder's last layer (SD2's conversion already leaves out the one it skips)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, prediction: str,
-                 family: str, name: str):
+                 family: str, name: str, deferred_unet: Optional["DeferredWeights"] = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.alphas_cumprod = alphas_cumprod.float()
         self.prediction, self.family, self.name = prediction, family, name
+        self.deferred_unet = deferred_unet  # the UNet's weights while they are still in the file (it is empty)
+        self._away: Optional[Offloader] = None  # encoders a run left offloaded, brought back when next used
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.deferred_unet.device if self.deferred_unet else self.unet.device
+
+    def load_unet(self) -> None:
+        """Reads a deferred UNet's weights from its file, tensor by tensor; nothing when they are in memory."""
+        if self.deferred_unet:
+            load_weights(self.unet, self.deferred_unet.read(), "UNet")
+            self.deferred_unet = None
+
+    def restore_when_used(self, offloader: Offloader) -> None:
+        """Keeps the encoders a run offloaded away until they are used again (the next run, an encode), so the
+        end of a run never holds them beside the UNet; a CLI run that ends there never reads them back."""
+        self._away = offloader
+
+    def _bring_back(self) -> None:
+        if self._away is not None:
+            self._away, away = None, self._away
+            away.restore()
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "DiffusersModel":
-        """Moves the components; the VAE stays fp32 (SD VAEs overflow in fp16)."""
+        """Moves the components (a deferred UNet is read first); the VAE stays fp32 (SD VAEs overflow in fp16)."""
+        self.load_unet()
+        self._bring_back()
         self.unet.to(device, dtype)
         for role, component in self.encoders().items():
             component.to(device, torch.float32 if role == "vae" else dtype)
@@ -60,15 +85,18 @@ class DiffusersModel:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self._bring_back()
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return posterior.sample() * self.vae.config.scaling_factor
 
     def encode_prompts(self, captions: List[str], sizes: List[SizeInfo]) -> Cond:
+        self._bring_back()
         tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         return Cond(self.text_encoder(tokens.input_ids.to(self.device))[0])
 
     def encoders(self) -> Dict[str, nn.Module]:
+        self._bring_back()
         return {"vae": self.vae, "text_encoder": self.text_encoder}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -86,20 +114,31 @@ class DiffusersModel:
             yield
 
 
-def load_diffusers_model(base_model: str) -> DiffusersModel:
-    """Loads a .safetensors checkpoint or a diffusers folder on the CPU, in the file's precision.
+class DeferredWeights:
+    """A component's converted state dict, read from its file when `read()` is called, on `device`."""
 
-    A single file's tensors become the weights (nothing is initialised and then overwritten), so loading
-    takes about the file's size in memory; `DiffusersModel.to(device, dtype)` then places and casts them.
+    def __init__(self, read: Callable[[], Dict[str, torch.Tensor]], device: torch.device):
+        self.read, self.device = read, device
+
+
+def load_diffusers_model(base_model: str, device: Optional[torch.device] = None,
+                         dtype: Optional[torch.dtype] = None, defer_unet: bool = False) -> DiffusersModel:
+    """Loads a .safetensors checkpoint or a diffusers folder on `device` (default: the CPU) in `dtype` (default:
+    the file's precision; the VAE fp32 whenever a dtype is given).
+
+    A single file's tensors become the weights as they are read and cast, one at a time (nothing is initialised
+    and then overwritten, no second copy); `defer_unet` leaves the UNet's in the file until `load_unet()`.
 
     Raises:
         ModelLoadError: a pickle file, an unknown file type, or not an SD1/SD2/SDXL base model.
     """
     path = Path(base_model)
+    device = torch.device(device or "cpu")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"{path} is a folder but not a diffusers model (no model_index.json)")
-        return _load_folder(path)
+        model = _load_folder(path)
+        return model.to(device, dtype) if dtype is not None or device.type != "cpu" else model
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelLoadError(
             f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded, so it is refused. "
@@ -107,7 +146,29 @@ def load_diffusers_model(base_model: str) -> DiffusersModel:
             "and point model.base_model at the new file")
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name}: use a .safetensors checkpoint or a diffusers folder")
-    return _load_single_file(path)
+    return _load_single_file(path, SingleFile(path, device, dtype), defer_unet)
+
+
+class SingleFile:
+    """Opens a checkpoint file for one component: read in the run's dtype (`weights`) or fp32 (`vae`)."""
+
+    def __init__(self, path: Path, device: torch.device, dtype: Optional[torch.dtype]):
+        self.path, self.device, self.dtype = path, device, dtype
+        self.tensors = self.weights()  # the header is read here: a damaged file fails before anything is built
+
+    def weights(self, device: Optional[torch.device] = None) -> SafetensorsFile:
+        try:
+            return SafetensorsFile(self.path, self.dtype, device or self.device)
+        except OSError as error:
+            raise ModelLoadError(f"{self.path.name} cannot be read ({error}); check the path") from None
+
+    def vae(self) -> SafetensorsFile:
+        return SafetensorsFile(self.path, None if self.dtype is None else torch.float32, self.device)
+
+    def deferred_unet(self, diffusers_config: Dict[str, Any]) -> DeferredWeights:
+        from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint
+
+        return DeferredWeights(lambda: convert_ldm_unet_checkpoint(self.weights(), diffusers_config), self.device)
 
 
 def _load_folder(path: Path) -> DiffusersModel:
@@ -134,27 +195,31 @@ def _load_folder(path: Path) -> DiffusersModel:
         name=path.name)
 
 
-def _load_single_file(path: Path) -> DiffusersModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_single_file(path: Path, file: SingleFile, defer_unet: bool) -> DiffusersModel:
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import create_unet_diffusers_config
 
-    try:
-        checkpoint = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:  # a damaged file; never an interrupt
-        raise ModelLoadError(f"{path.name} cannot be read as safetensors ({error}); re-download it") from None
-    family = detect_family(checkpoint, path.name)
+    family = detect_family(file.tensors, path.name)
     if family == "sdxl":
         from .diffusers_xl import load_sdxl_file
 
-        return load_sdxl_file(path, checkpoint)
+        return load_sdxl_file(path, file, defer_unet)
     beside = path.with_suffix(".yaml")
     config = load_model_config(beside if beside.is_file() else CONFIG_DIR / "ldm" / f"{family}.yaml")
-    unet = _convert_unet(checkpoint, config)
-    prediction = _prediction(config, family, unet, explicit=beside.is_file())
-    text_encoder, tokenizer = convert_text_encoder(checkpoint, config, family)
-    return DiffusersModel(unet=unet, vae=_convert_vae(checkpoint, config), text_encoder=text_encoder,
-                          tokenizer=tokenizer, alphas_cumprod=_alphas_cumprod(checkpoint, config),
-                          prediction=prediction, family=family, name=path.stem)
+    text_encoder, tokenizer = convert_text_encoder(file.weights(torch.device("cpu")), config, family)
+    unet_config = create_unet_diffusers_config(config, image_size=512)
+    v_test = family == "sd2" and not beside.is_file()  # only the UNet itself tells SD2 eps from v
+    model = DiffusersModel(unet=empty_module(UNet2DConditionModel, **unet_config),
+                           vae=_convert_vae(file.vae(), config),
+                           text_encoder=text_encoder.to(device=file.device, dtype=file.dtype), tokenizer=tokenizer,
+                           alphas_cumprod=_alphas_cumprod(file.tensors, config),
+                           prediction=_configured_prediction(config), family=family, name=path.stem,
+                           deferred_unet=file.deferred_unet(unet_config))
+    if v_test or not defer_unet:
+        model.load_unet()
+    if v_test:
+        model.prediction = "v_prediction" if _pushes_constant_negative(model.unet) else "epsilon"
+    return model
 
 
 def load_model_config(path: Path) -> Any:
@@ -165,17 +230,6 @@ def load_model_config(path: Path) -> Any:
         return OmegaConf.load(path)
     except Exception as error:  # omegaconf/yaml raise several error types for a broken file
         raise ModelLoadError(f"{path}: cannot read the model config ({error}); fix or remove it") from None
-
-
-def _convert_unet(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import (convert_ldm_unet_checkpoint,
-                                                                        create_unet_diffusers_config)
-
-    unet_config = create_unet_diffusers_config(config, image_size=512)
-    unet = empty_module(UNet2DConditionModel, **unet_config)
-    load_weights(unet, convert_ldm_unet_checkpoint(checkpoint, unet_config), "UNet")
-    return unet
 
 
 def _convert_vae(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
@@ -189,11 +243,9 @@ def _convert_vae(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
     return vae
 
 
-def _prediction(config: Any, family: str, unet: nn.Module, explicit: bool) -> str:
-    if explicit or family == "sd1":
-        v = config.model.params.get("parameterization", "eps") == "v"
-        return "v_prediction" if v else "epsilon"
-    return "v_prediction" if _pushes_constant_negative(unet) else "epsilon"
+def _configured_prediction(config: Any) -> str:
+    v = config.model.params.get("parameterization", "eps") == "v"
+    return "v_prediction" if v else "epsilon"
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ LoRA stems follow kohya's SDXL files: the UNet under its sgm (compvis) paths, `l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ from torch import nn
 from . import SizeInfo, TargetSpec
 from .clip_tokenizer import EOS, cached_clip_tokenizer
 from .conditioning import Cond
-from .diffusers import CONFIG_DIR, DiffusersModel, load_model_config
-from .sdxl_convert import (SIZE_NUMBERS, alphas_cumprod, convert_text_encoders, convert_unet, convert_vae,
+from .diffusers import CONFIG_DIR, DeferredWeights, DiffusersModel, SingleFile, load_model_config
+from .sdxl_convert import (SIZE_NUMBERS, alphas_cumprod, convert_text_encoders, convert_vae, empty_unet,
                            prediction)
 from ..targets import (SDXL_TEXT_ENCODER_PREFIXES, TEXT_ENCODER_BLOCKS, UNET_PREFIX, find_targets,
                        sdxl_diffusers_to_compvis_path, unet_blocks)
@@ -36,8 +36,9 @@ class SdxlModel(DiffusersModel):
     clip_skip = 1  # no skip beyond SDXL's own: both text encoders' penultimate layer
 
     def __init__(self, unet, vae, text_encoders: List[nn.Module], tokenizers: List, alphas_cumprod: torch.Tensor,
-                 prediction: str, name: str):
-        super().__init__(unet, vae, text_encoders[0], tokenizers[0], alphas_cumprod, prediction, "sdxl", name)
+                 prediction: str, name: str, deferred_unet: Optional[DeferredWeights] = None):
+        super().__init__(unet, vae, text_encoders[0], tokenizers[0], alphas_cumprod, prediction, "sdxl", name,
+                         deferred_unet)
         self.text_encoder_2, self.tokenizer_2 = text_encoders[1], tokenizers[1]
 
     def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
@@ -48,6 +49,7 @@ class SdxlModel(DiffusersModel):
         return targets
 
     def encode_prompts(self, captions: List[str], sizes: List[SizeInfo]) -> Cond:
+        self._bring_back()
         hidden = []
         for encoder, tokenizer in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)):
             tokens = tokenizer(list(captions), padding="max_length", truncation=True,
@@ -60,6 +62,7 @@ class SdxlModel(DiffusersModel):
         return Cond(torch.cat(hidden, dim=-1), torch.cat([pooled, numbers], dim=1))
 
     def encoders(self) -> Dict[str, nn.Module]:
+        self._bring_back()
         return {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -70,8 +73,8 @@ class SdxlModel(DiffusersModel):
                          added_cond_kwargs=added).sample
 
 
-def load_sdxl_file(path: Path, checkpoint: Dict[str, torch.Tensor]) -> SdxlModel:
-    """An SDXL base checkpoint's state dict as an SdxlModel; `checkpoint` is emptied of the UNet's tensors."""
+def load_sdxl_file(path: Path, file: SingleFile, defer_unet: bool) -> SdxlModel:
+    """An SDXL base checkpoint as an SdxlModel, its UNet left in the file until `load_unet()` with `defer_unet`."""
     from omegaconf import OmegaConf
     from transformers import CLIPTokenizer
 
@@ -80,11 +83,16 @@ def load_sdxl_file(path: Path, checkpoint: Dict[str, torch.Tensor]) -> SdxlModel
     if beside.is_file():
         config = OmegaConf.merge(config, load_model_config(beside))
     tokenizers = [CLIPTokenizer.from_pretrained(cached_clip_tokenizer(pad)) for pad in (EOS, OPEN_CLIP_PAD)]
-    predicts = prediction(checkpoint, config)
-    text_encoders = convert_text_encoders(checkpoint, config)
-    return SdxlModel(unet=convert_unet(checkpoint, config), vae=convert_vae(checkpoint, config),
-                     text_encoders=text_encoders, tokenizers=tokenizers, alphas_cumprod=alphas_cumprod(config),
-                     prediction=predicts, name=path.stem)
+    text_encoders = [encoder.to(device=file.device, dtype=file.dtype)
+                     for encoder in convert_text_encoders(file.weights(torch.device("cpu")), config)]
+    unet, unet_config = empty_unet(file.tensors, config)
+    model = SdxlModel(unet=unet, vae=convert_vae(file.vae(), config), text_encoders=text_encoders,
+                      tokenizers=tokenizers, alphas_cumprod=alphas_cumprod(config),
+                      prediction=prediction(file.tensors, config), name=path.stem,
+                      deferred_unet=file.deferred_unet(unet_config))
+    if not defer_unet:
+        model.load_unet()
+    return model
 
 
 def load_sdxl_folder(path: Path) -> SdxlModel:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -45,8 +45,7 @@ def unet_config(checkpoint: Dict[str, torch.Tensor], network: Any) -> Dict[str, 
         raise ModelLoadError("the checkpoint's middle block and deepest level differ in transformer depth; "
                              "it is not an SDXL UNet")
     proj_in = next(checkpoint[first + "1.proj_in.weight"] for first, depth in zip(firsts, depths) if depth)
-    cross = next(value for key, value in checkpoint.items()
-                 if key.startswith(UNET) and key.endswith("attn2.to_k.weight"))
+    cross = checkpoint[next(key for key in checkpoint if key.startswith(UNET) and key.endswith("attn2.to_k.weight"))]
     adm = checkpoint[UNET + "label_emb.0.0.weight"].shape[1]
     pooled = checkpoint[TE2_PREFIX + "text_projection"].shape[1]
     conv_in = checkpoint[UNET + "input_blocks.0.0.weight"]
@@ -85,15 +84,12 @@ def vae_config(checkpoint: Dict[str, torch.Tensor], scaling_factor: float) -> Di
         sample_size=1024, scaling_factor=scaling_factor)
 
 
-def convert_unet(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:
-    """The UNet; its tensors are taken out of `checkpoint` (they become the weights)."""
+def empty_unet(checkpoint: Dict[str, torch.Tensor], config: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(the UNet with its weights on the meta device, its diffusers config); the weights are loaded apart."""
     from diffusers import UNet2DConditionModel
-    from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_unet_checkpoint
 
     diffusers_config = unet_config(checkpoint, config.model.params.network_config.get("params", {}) or {})
-    unet = empty_module(UNet2DConditionModel, **diffusers_config)
-    load_weights(unet, convert_ldm_unet_checkpoint(checkpoint, diffusers_config), "UNet")
-    return unet
+    return empty_module(UNet2DConditionModel, **diffusers_config), diffusers_config
 
 
 def convert_vae(checkpoint: Dict[str, torch.Tensor], config: Any) -> nn.Module:

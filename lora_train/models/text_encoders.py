@@ -135,12 +135,11 @@ def convert_open_clip(checkpoint: Dict[str, torch.Tensor], clip_config, prefix: 
             fused = checkpoint[f"{source}attn.in_proj_{kind}"]
             for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
                 state[f"{target}self_attn.{name}.{kind}"] = fused[index * width:(index + 1) * width]
-        for key, value in checkpoint.items():
-            if key.startswith(source) and ".in_proj_" not in key:
-                rest = key[len(source):]
-                for old, new in _OPEN_CLIP_TO_HF:
-                    rest = rest.replace(old, new)
-                state[target + rest] = value
+        for key in [key for key in checkpoint if key.startswith(source) and ".in_proj_" not in key]:
+            rest = key[len(source):]
+            for old, new in _OPEN_CLIP_TO_HF:
+                rest = rest.replace(old, new)
+            state[target + rest] = checkpoint[key]  # read only now: a file-backed checkpoint reads what it needs
     model = empty_module(CLIPTextModelWithProjection if with_projection else CLIPTextModel, config=clip_config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     with_position_ids(model)
