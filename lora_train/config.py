@@ -82,6 +82,11 @@ class DataConfig:
         low, high = self.bucket_range
         if low > high:
             _fail(f"{section}.min_bucket_reso", low, f"it must not exceed data.max_bucket_reso ({high})")
+        _check_range(f"{section}.repeats", self.repeats, 1)
+        _check_range(f"{section}.keep_tokens", self.keep_tokens, 0)
+        _check_range(f"{section}.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        if not self.caption_extension.startswith("."):
+            _fail(f"{section}.caption_extension", self.caption_extension, "start it with a dot, e.g. '.txt'")
 
     @property
     def bucket_range(self) -> Tuple[int, int]:
@@ -89,11 +94,6 @@ class DataConfig:
         low, high = follow_resolution(self.resolution)
         return (low if self.min_bucket_reso is None else self.min_bucket_reso,
                 high if self.max_bucket_reso is None else self.max_bucket_reso)
-        _check_range(f"{section}.repeats", self.repeats, 1)
-        _check_range(f"{section}.keep_tokens", self.keep_tokens, 0)
-        _check_range(f"{section}.caption_dropout", self.caption_dropout, 0.0, 1.0)
-        if not self.caption_extension.startswith("."):
-            _fail(f"{section}.caption_extension", self.caption_extension, "start it with a dot, e.g. '.txt'")
 
 
 def follow_resolution(resolution: int) -> Tuple[int, int]:
