@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .models.common import scaled_linear_alphas_cumprod
-from .models.diffusers import DiffusersModel
+from .models.diffusers_model import DiffusersModel
 from .models.text_encoders import sd1_vit_l_config
 
 BENCH_ARCHITECTURES = ("sd15", "sdxl")
@@ -91,7 +91,7 @@ def write_sd15_file(path: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from .models.diffusers import CONFIG_DIR, load_model_config
+    from .models.diffusers_model import CONFIG_DIR, load_model_config
     from .tiny import randomise_zero_weights
 
     params = load_model_config(CONFIG_DIR / "ldm" / "sd1.yaml").model.params

@@ -51,7 +51,6 @@ def run_in_process(name: str, settings: BenchSettings) -> RowResult:
 
 def format_table(results: Dict[str, RowRounds], memory: str) -> str:
     lines = [f"{'loop':<10} {'ms/step':>9} {'spread':>7} {'it/s':>7} {memory:>14}  {'vs floor':>8}  first/last loss"]
-    floor = results["floor"]
     for name, row in results.items():
         first = row.first
         extra = f"  (first step {first.setup_seconds:.1f} s)" if first.setup_seconds else ""

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, load_config
 from .dataset import DatasetError, load_dataset
 from .export import OutputExistsError
-from .models.diffusers import ModelLoadError
+from .models import DiffusionModel, ModelLoadError
 from .pipeline import TrainingOutOfMemoryError
 from .preflight import MemoryPreflightError, apply_changes, changes_text
 from .run_lock import RunLockedError
@@ -119,7 +119,7 @@ class _Progress:
             self.bar = None
 
 
-def load_for_training(config: TrainConfig, device) -> "DiffusersModel":
+def load_for_training(config: TrainConfig, device) -> DiffusionModel:
     """The config's base model as a run needs it: on `device`, cast as it is read; on the CPU its UNet is read
     only once the caches are filled (on a GPU the memory preflight runs it first)."""
     from .models.diffusers import load_diffusers_model

@@ -20,7 +20,7 @@ from torch import nn
 from . import SizeInfo, TargetSpec
 from .clip_tokenizer import EOS, cached_clip_tokenizer
 from .conditioning import Cond
-from .diffusers import CONFIG_DIR, DeferredWeights, DiffusersModel, SingleFile, load_model_config
+from .diffusers_model import CONFIG_DIR, DeferredWeights, DiffusersModel, SingleFile, load_model_config
 from .sdxl_convert import (SIZE_NUMBERS, alphas_cumprod, convert_text_encoders, convert_vae, empty_unet,
                            prediction)
 from ..targets import (SDXL_TEXT_ENCODER_PREFIXES, TEXT_ENCODER_BLOCKS, UNET_PREFIX, find_targets,
