@@ -206,6 +206,8 @@ def job_view(runner: JobRunner, kind: str) -> Dict[str, Any]:
         line = f"**Failed:** {html.escape(status['error'] or '')}"
     elif status["state"] in ("done", "stopped"):
         line = f"**{status['state'].capitalize()}.** {html.escape(status['message'])}"
+    elif job.stop_mode:
+        line = f"**Stopping** ({'saving' if job.stop_mode == 'save' else 'discarding'} the LoRA): {line}"
     report = status.get("report") or {}
     return {"status": line, "losses": status["losses"], "previews": report.get("previews", []),
             "running": status["state"] == "running", "status_raw": status}

@@ -14,6 +14,9 @@ from typing import ContextManager, Dict, List, Optional, Protocol
 from ..models import DiffusionModel
 
 
+PREVIEW_SAMPLER = "Euler a"  # the sampler of previews and test images, which "Send to txt2img" passes on
+
+
 class HostError(ValueError):
     """The WebUI is not in a state to train; the message says what to change."""
 
@@ -57,8 +60,13 @@ class Host(Protocol):
         changed); raises HostError when none is loaded."""
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
-                 negative_prompt: str = "", cfg_scale: float = 7.0):
-        """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`."""
+                 negative_prompt: str = "", cfg_scale: float = 7.0, sampler: str = PREVIEW_SAMPLER):
+        """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`. After
+        `stop_generation` (or the WebUI's Interrupt) it returns early: a partly denoised image, or None."""
+
+    def stop_generation(self) -> None:
+        """Cuts the image `generate` is making short (from another thread); the WebUI's own Interrupt state is
+        as it was once `generate` returns."""
 
     def report(self, step: int, total: int, text: str) -> None:
         """Progress for the WebUI's own progress bar."""
