@@ -215,3 +215,12 @@ def test_durations_read_as_people_say_them(seconds, text):
 def test_speed_is_seconds_per_step_when_slow_and_steps_per_second_when_fast():
     assert status_text.speed(1.3) == "1.3 s/step" and status_text.speed(0.25) == "4.0 steps/s"
     assert status_text.step_line(120, 600, 0.12345, 1.3) == "step 120/600, loss 0.1235, 1.3 s/step, ETA 10 min"
+
+
+def test_previews_are_labelled_with_their_step():
+    runner = JobRunner()
+    job = runner.start("train", lambda job: JobResult(report={"previews": ["/x/step-000000.png",
+                                                                           "/x/step-000050.png"]}))
+    assert job.done.wait(10)
+    assert actions.job_view(runner, "train")["previews"] == [("/x/step-000000.png", "step 0"),
+                                                             ("/x/step-000050.png", "step 50")]

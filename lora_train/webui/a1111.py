@@ -118,6 +118,13 @@ class A1111Host:
                     progress.finish_task(task_id)
                 state.end()
 
+    def end_task(self, task_id: Optional[str]) -> None:
+        """Marks the task finished in the WebUI's progress API, which tells the page's bar to go."""
+        from modules import progress
+
+        if task_id:
+            progress.finish_task(task_id)
+
     def training_model(self) -> DiffusionModel:
         """The loaded checkpoint as a DiffusionModel, with the built-in Lora's merged weights undone."""
         self.check_trainable()

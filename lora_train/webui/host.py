@@ -47,6 +47,9 @@ class Host(Protocol):
     def exclusive(self, job: str, task_id: Optional[str] = None) -> ContextManager:
         """The WebUI's GPU to ourselves for the block (its queue lock), with its progress state bracketed."""
 
+    def end_task(self, task_id: Optional[str]) -> None:
+        """The page's progress bar for a task id stops waiting: the job it was for was refused."""
+
     def check_trainable(self) -> None:
         """Raises HostError (what to change) when the loaded model or the WebUI's flags cannot train."""
 
