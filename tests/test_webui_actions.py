@@ -224,3 +224,20 @@ def test_previews_are_labelled_with_their_step():
     assert job.done.wait(10)
     assert actions.job_view(runner, "train")["previews"] == [("/x/step-000000.png", "step 0"),
                                                              ("/x/step-000050.png", "step 50")]
+
+
+def test_a_failed_run_reads_in_words_and_points_at_the_apply_button():
+    from lora_train.trainer import TrainingDivergedError
+
+    runner = JobRunner()
+
+    def work(job):
+        raise TrainingDivergedError("the loss became nan at step 3 (images a.png); lower training.learning_rate",
+                                    {"training.learning_rate": 5e-5})
+
+    assert runner.start("train", work).done.wait(10)
+    view = actions.job_view(runner, "train")
+    assert view["status"] == ("**Failed:** the loss became nan at step 3 (images a.png); lower Learning rate "
+                              "(training.learning_rate) Apply the suggested settings with the button below, then "
+                              "start again.")
+    assert view["status_raw"]["advice"] == {"training.learning_rate": 5e-5}

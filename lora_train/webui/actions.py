@@ -21,6 +21,7 @@ from ..config import (DEFAULT_CONFIG_PATH, ConfigError, DataConfig, TrainConfig,
 from ..dataset import load_dataset
 from ..jobs import JobRunner
 from ..trainer import step_plan
+from .form import in_words
 from .host import Host
 
 Rows = List[List[str]]
@@ -219,7 +220,9 @@ def job_view(runner: JobRunner, kind: str) -> Dict[str, Any]:
     status = job.snapshot()
     line = status["message"] or status["state"]
     if status["state"] == "failed":
-        line = f"**Failed:** {html.escape(status['error'] or '')}"
+        line = f"**Failed:** {html.escape(in_words(status['error'] or ''))}"
+        if status["advice"]:
+            line += " Apply the suggested settings with the button below, then start again."
     elif status["state"] in ("done", "stopped"):
         line = f"**{status['state'].capitalize()}.** {html.escape(status['message'])}"
     elif job.stop_mode:
