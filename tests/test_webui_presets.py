@@ -103,7 +103,8 @@ def test_the_tab_picks_the_sdxl_preset_for_an_sdxl_checkpoint(tiny_ldm, tmp_path
     assert (outputs["Resolution"], outputs["Batch size"], outputs["LoRA rank"]) == (1024, 1, 16)
     assert outputs["Train text encoder"] is False and outputs["Gradient checkpointing"] is True
     assert outputs["Output name (the LoRA's file name)"] == gr.update(), "the name stays the one proposed"
-    assert len(outputs) == 1 + len(form_fields()) + 5  # the folder, the three preview settings, the test name
+    assert len(outputs) == 1 + len(form_fields()) + 8  # the folder, its report, grid and gallery, the three
+    # preview settings, the test name
 
 
 def test_the_tab_leaves_the_form_alone_for_an_sd1_checkpoint(tiny_ldm, tmp_path):

@@ -132,6 +132,7 @@ def test_settings_and_folder_come_back_after_a_reload_and_a_restart(webui, sampl
     wait(runner)
     restarted = Tab(JobRunner(), A1111Host()).page_load()  # a new runner: nothing survives but the file
     assert restarted["lora_train_folder"] == str(sample_images)
+    assert len(restarted["Captions (edit, then Save captions)"]) == 8, "the folder is loaded again"
     assert (restarted["Resolution"], restarted["LoRA rank"], restarted["Train text encoder"]) == (64, 4, False)
     assert (restarted["Min bucket size"], restarted[NAME_LABEL]) == ("64", "kept")
     assert (restarted["Preview every N steps (0: off)"], restarted["Preview seed"]) == (1, 77)

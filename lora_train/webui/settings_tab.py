@@ -22,14 +22,14 @@ SECTIONS = ("model", "training", "data", "output")
 
 
 def _field_component(field: Field):
-    label, info = field.label, field.help or None
+    named = {"label": field.label, "info": field.help or None, "elem_id": f"lora_train_{field.section}_{field.name}"}
     if field.kind == "bool":
-        return gr.Checkbox(value=field.default, label=label, info=info)
+        return gr.Checkbox(value=field.default, **named)
     if field.kind == "choice":
-        return gr.Dropdown(choices=list(field.choices), value=field.default, label=label, info=info)
+        return gr.Dropdown(choices=list(field.choices), value=field.default, **named)
     if field.optional or field.kind == "str":
-        return gr.Textbox(value=to_form(field, field.default), label=label, info=info, max_lines=1)
-    return gr.Number(value=field.default, label=label, info=info, precision=0 if field.kind == "int" else None)
+        return gr.Textbox(value=to_form(field, field.default), max_lines=1, **named)
+    return gr.Number(value=field.default, precision=0 if field.kind == "int" else None, **named)
 
 
 def build(ui: SimpleNamespace, host: Host) -> None:

@@ -46,9 +46,10 @@ def _dataset_tab(ui: SimpleNamespace) -> None:
         ui.folder = gr.Textbox(label="Image folder", value=_opt("lora_train_dataset_root", ""), scale=4,
                                placeholder="the folder that holds your 20-200 images", elem_id="lora_train_folder")
         ui.load = gr.Button("Load", variant="primary", scale=1)
-    ui.report = gr.Markdown()
+    ui.report = gr.Markdown(elem_id="lora_train_report")
     ui.grid = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
-                           interactive=True, wrap=True, label="Captions (edit, then Save captions)")
+                           interactive=True, wrap=True, label="Captions (edit, then Save captions)",
+                           elem_id="lora_train_grid")
     with gr.Row():
         ui.find = gr.Textbox(label="Find", max_lines=1)
         ui.replace = gr.Textbox(label="Replace with", max_lines=1)
@@ -57,8 +58,8 @@ def _dataset_tab(ui: SimpleNamespace) -> None:
         ui.trigger = gr.Textbox(label="Trigger word", max_lines=1, placeholder="e.g. sks style")
         ui.add_trigger = gr.Button("Add to all")
         ui.remove_trigger = gr.Button("Remove from all")
-        ui.save = gr.Button("Save captions", variant="primary")
-    ui.saved = gr.Markdown()
+        ui.save = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
+    ui.saved = gr.Markdown(elem_id="lora_train_saved")
     tag_view.build(ui)
     ui.gallery = gr.Gallery(label="Images", columns=6, height=360, elem_id="lora_train_gallery")
 
@@ -66,14 +67,16 @@ def _dataset_tab(ui: SimpleNamespace) -> None:
 def _caption_tab(ui: SimpleNamespace) -> None:
     with gr.Row():
         ui.caption_model = gr.Textbox(label="Caption model: BLIP/GIT, or a WD14 tagger (hub id or local folder)",
-                                      value=_opt("lora_train_caption_model", DEFAULT_MODEL), scale=3)
+                                      value=_opt("lora_train_caption_model", DEFAULT_MODEL), scale=3,
+                                      elem_id="lora_train_caption_model")
         ui.caption_batch = gr.Slider(1, 64, value=8, step=1, label="Batch size")
     with gr.Row():
         ui.caption_suggestion = gr.Markdown(elem_id="lora_train_caption_suggestion")
         ui.suggested_model = gr.Textbox(visible=False)
         ui.use_suggestion = gr.Button("Use the suggested model", scale=0)
     with gr.Row():
-        ui.caption_prefix = gr.Textbox(label="Prefix (trigger word)", placeholder="sks style, ", max_lines=1)
+        ui.caption_prefix = gr.Textbox(label="Prefix (trigger word)", placeholder="sks style, ", max_lines=1,
+                                       elem_id="lora_train_caption_prefix")
         ui.caption_suffix = gr.Textbox(label="Suffix", max_lines=1)
         ui.caption_mode = gr.Radio(list(MODES), value="skip", label="Existing captions",
                                    info="skip keeps captions you wrote or edited")
@@ -94,7 +97,7 @@ def _caption_tab(ui: SimpleNamespace) -> None:
 def _train_tab(ui: SimpleNamespace) -> None:
     with gr.Row():
         ui.preview_every = gr.Number(value=_opt("lora_train_preview_every", 0), precision=0,
-                                     label="Preview every N steps (0: off)")
+                                     label="Preview every N steps (0: off)", elem_id="lora_train_preview_every")
         ui.preview_prompt = gr.Textbox(label="Preview prompt (empty: the first caption)", max_lines=1, scale=3)
         ui.preview_seed = gr.Number(value=1234, precision=0, label="Preview seed")
     with gr.Row():
@@ -113,7 +116,7 @@ def _train_tab(ui: SimpleNamespace) -> None:
 
 def _test_tab(ui: SimpleNamespace) -> None:
     with gr.Row():
-        ui.test_name = gr.Textbox(label="LoRA name", max_lines=1)
+        ui.test_name = gr.Textbox(label="LoRA name", max_lines=1, elem_id="lora_train_test_name")
         ui.test_weight = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Weight")
         ui.test_seed = gr.Number(value=1234, precision=0, label="Seed")
     ui.test_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="lora_train_test_prompt")
@@ -153,14 +156,14 @@ def build(runner: JobRunner, host: Host) -> gr.Blocks:
 
 
 def _remembered_components(ui: SimpleNamespace) -> List[Any]:
-    return [ui.folder, ui.preset, *ui.components, ui.preview_every, ui.preview_prompt, ui.preview_seed,
-            ui.test_name]
+    return [ui.folder, ui.report, ui.grid, ui.gallery, ui.preset, *ui.components, ui.preview_every,
+            ui.preview_prompt, ui.preview_seed, ui.test_name]
 
 
 def _page_load(ui: SimpleNamespace, host: Host, runner: JobRunner) -> List[Any]:
-    """On page load: the last-used folder, settings and preview settings; without them, the built-in preset of
+    """On page load: the last-used folder (loaded), settings and preview settings; without them, the preset of
     the loaded checkpoint's family (SDXL's for SDXL), or the form as it is (the WebUI may have set its defaults).
-    The Test tab gets the name of the last LoRA trained."""
+    The Test tab gets the name of the last LoRA trained (by this WebUI process, else as remembered)."""
     saved = remembered.load(host.presets_dir())
     try:
         config = config_from_dict(saved["config"]) if saved.get("config") else None
@@ -174,9 +177,11 @@ def _page_load(ui: SimpleNamespace, host: Host, runner: JobRunner) -> List[Any]:
     preview = saved.get("preview") or {}
     last = runner.latest("train")
     output = last.snapshot()["output"] if last else None
-    return [saved.get("folder") or gr.update(), *settings,
-            *[preview.get(key, gr.update()) for key in ("every_n_steps", "prompt", "seed")],
-            Path(output).stem if output else gr.update()]
+    trained = Path(output).stem if output else saved.get("trained")
+    folder = saved.get("folder")
+    dataset = actions.scan_folder(folder) if folder else [gr.update()] * 3
+    return [folder or gr.update(), *dataset, *settings,
+            *[preview.get(key, gr.update()) for key in ("every_n_steps", "prompt", "seed")], trained or gr.update()]
 
 
 def _preset_for_model(ui: SimpleNamespace, host: Host) -> List[Any]:
@@ -226,6 +231,7 @@ def _watch(runner: JobRunner, host: Host, folder: str, name: str) -> Iterator[tu
         raw = view["status_raw"] or {}
         unchanged = [gr.update()] * 3
         if not view["running"] and raw.get("output"):
+            remembered.save(host.presets_dir(), trained=Path(raw["output"]).stem)
             proposed = remembered.proposed_name(host.lora_dir(), name, folder)
             unchanged = [proposed, remembered.name_clash(host.lora_dir(), proposed, False), Path(raw["output"]).stem]
         yield (view["status"], loss_plot.svg(view["losses"]), view["previews"], actions.result_markdown(raw or None),
