@@ -11,12 +11,23 @@ function lora_train_start() {
     return args;
 }
 
+// The bar shows the job's own line (it has the one ETA, from the measured step time) and the percentage,
+// not the WebUI's second ETA, which counts latent caching and previews as training time.
+function lora_train_bar_text(container, res) {
+    var bar = container.parentNode.querySelector(".progressDiv .progress");
+    if (!bar || !res.textinfo) return;
+    var percent = res.progress > 0 ? " " + (res.progress * 100).toFixed(0) + "%" : "";
+    bar.textContent = res.textinfo + percent;
+}
+
 function lora_train_follow(id, inactivityTimeout) {
     var container = gradioApp().getElementById("lora_train_progress");
     if (!container) return;
     requestProgress(id, container, gradioApp().getElementById("lora_train_previews"), function() {
         localRemove("lora_train_task_id");
-    }, null, inactivityTimeout);
+    }, function(res) {
+        lora_train_bar_text(container, res);
+    }, inactivityTimeout);
 }
 
 // After a page reload: follow the job that was running, and let the tab poll its status again.

@@ -337,9 +337,11 @@ def _buckets_for(config: DataConfig) -> List[Bucket]:
     low, high = config.bucket_range
     buckets = make_buckets(config.resolution, low, high)
     if not buckets:
-        raise DatasetError(
-            f"data.min_bucket_reso: no bucket has both sides in [{low}, {high}] and an area <= "
-            f"{config.resolution}**2; set data.min_bucket_reso <= data.resolution and <= data.max_bucket_reso")
+        below = (f"resolution {config.resolution} is below the smallest bucket size ({low})"
+                 if config.resolution < low else f"no bucket has both sides in [{low}, {high}] and an area within "
+                 f"{config.resolution} x {config.resolution}")
+        raise DatasetError(f"data.min_bucket_reso: {below}: lower data.min_bucket_reso to at most data.resolution "
+                           "(or leave it empty: it follows the resolution)")
     return buckets
 
 

@@ -8,6 +8,7 @@ readable after the run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class JobResult:
     state: str = "done"  # done | stopped
     output: Optional[str] = None
     report: Dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # the job's last line for people ("600 steps in 12 min"); "" keeps the last progress line
 
 
 class Job:
@@ -65,6 +67,7 @@ class Job:
         self.stop_mode: Optional[str] = None
         self.done = threading.Event()
         self._lock = threading.Lock()
+        self._stop_listeners: List[Callable[[], None]] = []
 
     @property
     def id(self) -> str:
@@ -86,14 +89,32 @@ class Job:
         if self.done.is_set():
             raise JobBusyError(f"job {self.id} has already ended ({self.status.state})")
         self.stop_mode = mode
+        with self._lock:
+            listeners = list(self._stop_listeners)
+        for listener in listeners:
+            listener()
+
+    @contextlib.contextmanager
+    def stop_listener(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Calls listener() (from the thread that asks) when a stop is requested during the block, so work that
+        does not poll `stop_mode` (an image the WebUI is generating) can be cut short."""
+        with self._lock:
+            self._stop_listeners.append(listener)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stop_listeners.remove(listener)
 
     def _finish(self, result: Optional[JobResult], error: Optional[BaseException]) -> None:
         if error is not None:
-            self.update(state="failed", error=_describe(error), message=f"failed: {_describe(error)}",
+            self.update(state="failed", error=_describe(error), message=f"failed: {_describe(error)}", eta_s=None,
                         advice=dict(getattr(error, "changes", None) or {}), finished=time.time(),
                         report=dict(getattr(error, "report", None) or {}))  # e.g. where the LoRA went instead
         else:
-            self.update(state=result.state, output=result.output, report=result.report, finished=time.time())
+            final = {"message": result.message} if result.message else {}
+            self.update(state=result.state, output=result.output, report=result.report, finished=time.time(),
+                        eta_s=None, **final)
         self.done.set()
 
 

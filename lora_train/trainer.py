@@ -66,7 +66,12 @@ def _micro_seed(seed: int, micro_step: int) -> int:
 
 
 class TrainingDivergedError(ValueError):
-    """The loss stopped being a finite number; the message says what to change."""
+    """The loss stopped being a finite number; the message says what to change, `changes` the settings that
+    would ({"training.learning_rate": 5e-5}; empty when the fix is not a setting)."""
+
+    def __init__(self, message: str, changes: Optional[Dict[str, object]] = None):
+        super().__init__(message)
+        self.changes = dict(changes or {})
 
 
 class Trainer:
@@ -217,18 +222,38 @@ class Trainer:
         return value
 
     def _diverged(self, loss: float, cond: Cond, indices: List[int]) -> "TrainingDivergedError":
-        """Says which part produced the non-number, and for which images, so the user knows what to fix."""
+        """Says which part produced the non-number, for which images, and the settings that fix it (`changes`)."""
         names = ", ".join(self.dataset.samples[i].path.name for i in indices)
-        step = self.position.step + 1
+        step, train = self.position.step + 1, self.config.training
         if not cond.isfinite():
-            fix = ("its adapters may have diverged: lower training.text_encoder_lr, or set "
-                   "model.train_text_encoder: false" if self.config.model.train_text_encoder else
-                   "the checkpoint itself fails on these captions: shorten or fix them")
-            return TrainingDivergedError(
-                f"the text encoder's output was not a number at step {step} for the captions of {names}; {fix}")
+            head = f"the text encoder's output was not a number at step {step} for the captions of {names}"
+            if self.config.model.train_text_encoder and self._base_encodes(indices):
+                lower = train.effective_text_encoder_lr / 2
+                return TrainingDivergedError(
+                    f"{head}, while the checkpoint's own text encoder gives numbers for them: its adapters "
+                    f"diverged; lower training.text_encoder_lr (e.g. to {lower:g}), or set "
+                    "model.train_text_encoder: false", {"training.text_encoder_lr": lower})
+            return TrainingDivergedError(f"{head}, and the checkpoint's own text encoder fails on them too (not "
+                                         "the adapters): shorten or fix those captions")
+        changes: Dict[str, object] = {"training.learning_rate": train.learning_rate / 2}
+        if train.max_grad_norm != 1:
+            changes["training.max_grad_norm"] = 1.0
+        if train.mixed_precision == "fp16":
+            changes["training.mixed_precision"] = "bf16"
         return TrainingDivergedError(
             f"the loss became {loss} at step {step} (images {names}); lower training.learning_rate "
-            "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16")
+            "(e.g. halve it), keep training.max_grad_norm at 1, or use mixed_precision bf16 instead of fp16", changes)
+
+    def _base_encodes(self, indices: List[int]) -> bool:
+        """Whether the checkpoint's text encoder alone (adapters off) gives finite outputs for these captions."""
+        captions = [self.dataset.samples[i].caption for i in indices]
+        sizes = [self.dataset.size_info(i, False) for i in indices]
+        multiplier, self.network.multiplier = self.network.multiplier, 0.0
+        try:
+            with torch.no_grad(), self._autocast():
+                return self.model.encode_prompts(captions, sizes).isfinite()
+        finally:
+            self.network.multiplier = multiplier
 
     def _loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator) -> torch.Tensor:
         train = self.config.training
@@ -276,7 +301,8 @@ class Trainer:
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             raise TrainingDivergedError(
                 f"gradients were not finite for {MAX_CONSECUTIVE_SKIPS} steps in a row (at step "
-                f"{self.position.step + 1}); lower training.learning_rate or use mixed_precision bf16")
+                f"{self.position.step + 1}); lower training.learning_rate or use mixed_precision bf16",
+                {"training.learning_rate": self.config.training.learning_rate / 2})
 
     def prepare_caches(self) -> bool:
         """Fills the enabled caches; True when the loop then needs neither the VAE nor the text encoder."""

@@ -219,18 +219,41 @@ def test_gradients_infinite_three_steps_in_a_row_stop_the_run(tiny_checkpoint, s
     assert not config.output.lora_path.exists()
 
 
-@pytest.mark.parametrize("train_text_encoder, fix", [(True, "lower training.text_encoder_lr"),
-                                                     (False, "fails on these captions")])
-def test_a_text_encoder_giving_nan_names_the_images_and_the_fix(tiny_checkpoint, sample_images, tmp_path,
-                                                                 train_text_encoder, fix):
+@pytest.mark.parametrize("train_text_encoder, adapters_only, fix, changes", [
+    (True, True, "its adapters diverged; lower training.text_encoder_lr (e.g. to 0.000125)",
+     {"training.text_encoder_lr": 0.000125}),
+    (True, False, "the checkpoint's own text encoder fails on them too (not the adapters)", {}),
+    (False, False, "the checkpoint's own text encoder fails on them too", {})])
+def test_a_text_encoder_giving_nan_says_which_part_failed_and_the_fix(tiny_checkpoint, sample_images, tmp_path,
+                                                                       train_text_encoder, adapters_only, fix, changes):
+    """A NaN only with the adapters on is theirs; one the checkpoint gives alone is the captions'."""
     from lora_train.trainer import TrainingDivergedError
 
-    model = load_diffusers_model(str(tiny_checkpoint))
+    model, trainers = load_diffusers_model(str(tiny_checkpoint)), []
     encode = model.encode_prompts
-    model.encode_prompts = lambda captions, sizes: Cond(encode(captions, sizes).crossattn * float("nan"))
+
+    def poisoned(captions, sizes):
+        adapters_on = trainers[0].network.multiplier != 0
+        return Cond(encode(captions, sizes).crossattn * (float("nan") if adapters_on or not adapters_only else 1))
+
+    model.encode_prompts = poisoned
     config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
     config.model.train_text_encoder = train_text_encoder
     config.training.cache_text_encoder_outputs = False
+    config.training.learning_rate = 5e-4
     with pytest.raises(TrainingDivergedError, match=r"text encoder's output was not a number at step 1 .*\.png") as e:
+        train_lora(config, model, callbacks=[lambda event, trainer: trainers.append(trainer)])
+    assert fix in str(e.value) and e.value.changes == changes
+
+
+def test_a_loss_that_is_no_number_offers_a_lower_learning_rate(tiny_checkpoint, sample_images, tmp_path):
+    from lora_train.trainer import TrainingDivergedError
+
+    model = load_diffusers_model(str(tiny_checkpoint))
+    predict = model.predict
+    model.predict = lambda *args: predict(*args) * float("nan")
+    config = make_config(sample_images, tiny_checkpoint, tmp_path / "out", max_train_steps=2)
+    config.training.learning_rate = 1e-3
+    with pytest.raises(TrainingDivergedError, match=r"the loss became nan at step 1") as e:
         train_lora(config, model)
-    assert fix in str(e.value)
+    assert e.value.changes["training.learning_rate"] == 5e-4

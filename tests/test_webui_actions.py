@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from lora_train.config import ConfigError, TrainConfig, config_from_dict
-from lora_train.webui import actions
+from lora_train.jobs import JobResult, JobRunner
+from lora_train.webui import actions, status_text
 from lora_train.webui.form import MANAGED, advised_values, config_to_values, form_fields, values_to_dict
 
 
@@ -180,3 +183,61 @@ def test_the_tab_suggests_the_tagger_for_a_booru_sdxl_checkpoint_and_blip_otherw
     assert model == DEFAULT_MODEL and "no sign of booru" in text
     assert actions.caption_suggestion(FactsHost()) == ("Load a checkpoint to get a caption model suggestion.",
                                                        DEFAULT_MODEL)
+
+
+def test_the_status_line_says_a_stop_is_under_way_and_keeps_no_progress_figures_at_the_end():
+    runner, release = JobRunner(), threading.Event()
+
+    def work(job):
+        job.update(message="step 3/10, loss 0.1000, 1.0 s/step, ETA 7 s", eta_s=7.0)
+        release.wait(10)
+        return JobResult(state="stopped", message="stopped at step 3/10 in 5 s; the LoRA was discarded")
+
+    job = runner.start("train", work)
+    while not job.snapshot()["message"]:
+        time.sleep(0.01)
+    job.request_stop("discard")
+    assert actions.job_view(runner, "train")["status"] == \
+        "**Stopping** (discarding the LoRA): step 3/10, loss 0.1000, 1.0 s/step, ETA 7 s"
+    release.set()
+    assert job.done.wait(10)
+    view = actions.job_view(runner, "train")
+    assert view["status"] == "**Stopped.** stopped at step 3/10 in 5 s; the LoRA was discarded"
+    assert view["status_raw"]["eta_s"] is None and not view["running"]
+
+
+@pytest.mark.parametrize("seconds, text", [(4.4, "4 s"), (89, "89 s"), (612, "10 min"), (3900, "1 h 5 min"),
+                                           (7200, "2 h")])
+def test_durations_read_as_people_say_them(seconds, text):
+    assert status_text.duration(seconds) == text
+
+
+def test_speed_is_seconds_per_step_when_slow_and_steps_per_second_when_fast():
+    assert status_text.speed(1.3) == "1.3 s/step" and status_text.speed(0.25) == "4.0 steps/s"
+    assert status_text.step_line(120, 600, 0.12345, 1.3) == "step 120/600, loss 0.1235, 1.3 s/step, ETA 10 min"
+
+
+def test_previews_are_labelled_with_their_step():
+    runner = JobRunner()
+    job = runner.start("train", lambda job: JobResult(report={"previews": ["/x/step-000000.png",
+                                                                           "/x/step-000050.png"]}))
+    assert job.done.wait(10)
+    assert actions.job_view(runner, "train")["previews"] == [("/x/step-000000.png", "step 0"),
+                                                             ("/x/step-000050.png", "step 50")]
+
+
+def test_a_failed_run_reads_in_words_and_points_at_the_apply_button():
+    from lora_train.trainer import TrainingDivergedError
+
+    runner = JobRunner()
+
+    def work(job):
+        raise TrainingDivergedError("the loss became nan at step 3 (images a.png); lower training.learning_rate",
+                                    {"training.learning_rate": 5e-5})
+
+    assert runner.start("train", work).done.wait(10)
+    view = actions.job_view(runner, "train")
+    assert view["status"] == ("**Failed:** the loss became nan at step 3 (images a.png); lower Learning rate "
+                              "(training.learning_rate) Apply the suggested settings with the button below, then "
+                              "start again.")
+    assert view["status_raw"]["advice"] == {"training.learning_rate": 5e-5}

@@ -323,7 +323,7 @@ def test_the_tab_fills_the_advice_of_a_failed_run_into_the_settings(webui):
     outputs = dict(zip(tab.dependencies[index]["outputs"], tab.fns[index].fn()))
     labelled = {tab.blocks[block].label: update.get("value") for block, update in outputs.items()
                 if isinstance(update, dict) and "value" in update}
-    assert labelled == {"batch size": 2, "gradient checkpointing": True}  # the form labels its fields so
+    assert labelled == {"Batch size": 2, "Gradient checkpointing": True}  # the form labels its fields so
     assert "Applied training.batch_size: 2, training.gradient_checkpointing: True" in outputs[
         next(b for b, block in tab.blocks.items() if getattr(block, "elem_id", None) == "lora_train_status")]
     assert outputs[button._id] == {"visible": False, "__type__": "generic_update"}
@@ -331,7 +331,8 @@ def test_the_tab_fills_the_advice_of_a_failed_run_into_the_settings(webui):
 
 @pytest.mark.parametrize("change, expected", [
     ({"data": {"train_data_dir": "EMPTY"}}, "data.train_data_dir: no images in"),
-    ({"data": {"min_bucket_reso": 256, "max_bucket_reso": 256}}, "data.min_bucket_reso: no bucket has both sides"),
+    ({"data": {"min_bucket_reso": 256, "max_bucket_reso": 256}},
+     "data.min_bucket_reso: resolution 64 is below the smallest bucket size (256)"),
     ({"output": {"output_name": "n" * 300}}, "output.output_name: 300 characters are too long"),
     ({"output": {"output_name": "LOCKED"}}, "output.output_name: 'LOCKED' in "),
 ])

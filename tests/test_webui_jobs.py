@@ -4,6 +4,8 @@ before a job starts."""
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from safetensors import safe_open
 
 from lora_train.config import ConfigError
 from lora_train.jobs import JobRunner
+from lora_train.webui import status_text
 from lora_train.webui.a1111 import A1111Host
 from lora_train.webui.tasks import PreviewOptions, prepare_train_config, train_job
 from host_state import assert_same_model, snapshot
@@ -173,3 +176,62 @@ def test_prepare_train_config_refuses_an_existing_lora_without_overwrite(webui, 
         train_job(train_values(sample_images, NAME), ProbeHost())
     prepare_train_config(train_values(sample_images, NAME, overwrite=True), ProbeHost())
     assert existing.read_bytes() == b"an earlier LoRA"
+
+
+def wait_for_message(job, start: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not job.snapshot()["message"].startswith(start):
+        assert not job.done.is_set(), f"the job ended before saying {start!r}: {job.snapshot()}"
+        assert time.monotonic() < deadline, f"the job never said {start!r}: {job.snapshot()['message']}"
+        time.sleep(0.02)
+
+
+ENDLESS_PREVIEW = PreviewOptions(every_n_steps=1, steps=1_000_000, width=64, height=64)  # hours, unless cut short
+
+
+@pytest.mark.parametrize("mode", ["discard", "save"])
+def test_stop_while_a_preview_is_generating_ends_the_job_within_a_step(webui, sample_images, mode):
+    work = train_job(train_values(sample_images, NAME, steps=20), A1111Host(), ENDLESS_PREVIEW)
+    job = JobRunner().start("train", work)
+    wait_for_message(job, "generating preview at step 0")
+    asked = time.monotonic()
+    job.request_stop(mode)
+
+    assert job.done.wait(20), "the preview was not interrupted"
+    status = job.snapshot()
+    assert status["state"] == "stopped" and status["step"] == 0, status["error"]
+    assert time.monotonic() - asked < 20
+    assert status["report"]["previews"] == [], "the half-made preview is not kept"
+    assert (status["output"] is None) == (mode == "discard")
+    assert lora_dir_files() == ([] if mode == "discard" else [f"{NAME}.safetensors"])
+    assert webui.state.interrupted is False, "the WebUI's Interrupt flag is as it was before the preview"
+    assert status["message"] == f"stopped at step 0/20 in {status_text.duration(status['report']['seconds'])}; " \
+        f"the LoRA was {'discarded' if mode == 'discard' else 'saved'}"
+    assert status["eta_s"] is None
+
+
+def test_an_interrupt_pressed_during_a_preview_stops_the_job_and_stays_pressed(webui, sample_images):
+    host = A1111Host()
+    job = JobRunner().start("train", train_job(train_values(sample_images, NAME, steps=20), host, ENDLESS_PREVIEW))
+    wait_for_message(job, "generating preview at step 0")
+    webui.state.interrupt()  # the page's Interrupt: the sampler stops, the job saves
+    assert job.done.wait(20), "the preview did not stop on Interrupt"
+    status = job.snapshot()
+    assert status["state"] == "stopped" and status["output"], status["error"]
+    assert webui.state.interrupted is True
+
+
+def test_the_status_says_what_the_run_does_now_and_nothing_stale_at_the_end(webui, sample_images):
+    host = ProbeHost()
+    values = train_values(sample_images, NAME, steps=4)
+    values["training"]["cache_latents"] = True
+    status = run(train_job(values, host, PREVIEW))
+    texts = [report.text for report in host.reports]
+    assert texts[0] == "caching latents 1/8" and "caching latents 8/8" in texts
+    assert texts[texts.index("caching latents 8/8") + 1:][:2] == ["starting: 4 steps",
+                                                                  "generating preview at step 0"]
+    steps = [text for text in texts if text.startswith("step 1/4")]
+    assert steps and re.fullmatch(r"step 1/4, loss \d\.\d{4}, \d+\.\d (s/step|steps/s), ETA \d+ (s|min)", steps[0])
+    assert texts[-1] == "generating preview at step 4"
+    assert status["state"] == "done" and status["eta_s"] is None
+    assert re.fullmatch(r"4 steps in \d+ s \(\d+\.\d (s/step|steps/s)\)", status["message"]), status["message"]

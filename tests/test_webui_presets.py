@@ -94,14 +94,17 @@ def page_load_outputs(tab):
 
 
 def test_the_tab_picks_the_sdxl_preset_for_an_sdxl_checkpoint(tiny_ldm, tmp_path):
+    import gradio as gr
     from lora_train.webui import ui
 
     with installed(tiny_ldm, tmp_path / "webui"):
         outputs = page_load_outputs(ui.build(JobRunner(), SdxlHost()))
     assert outputs["Preset"] == "sdxl"
-    assert (outputs["resolution"], outputs["batch size"], outputs["lora rank"]) == (1024, 1, 16)
-    assert outputs["train text encoder"] is False and outputs["gradient checkpointing"] is True
-    assert len(outputs) == 1 + len(form_fields())
+    assert (outputs["Resolution"], outputs["Batch size"], outputs["LoRA rank"]) == (1024, 1, 16)
+    assert outputs["Train text encoder"] is False and outputs["Gradient checkpointing"] is True
+    assert outputs["Output name (the LoRA's file name)"] == gr.update(), "the name stays the one proposed"
+    assert len(outputs) == 1 + len(form_fields()) + 8  # the folder, its report, grid and gallery, the three
+    # preview settings, the test name
 
 
 def test_the_tab_leaves_the_form_alone_for_an_sd1_checkpoint(tiny_ldm, tmp_path):

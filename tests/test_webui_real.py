@@ -37,6 +37,15 @@ def client():
         yield session
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lora_files_removed(client):
+    """The LoRA files these tests write into models/Lora are removed afterwards, and the Lora list refreshed."""
+    yield
+    for path in (Path(WEBUI) / "models" / "Lora").glob(f"{NAME}*.safetensors"):
+        path.unlink()
+    client.post("/sdapi/v1/refresh-loras")
+
+
 @pytest.fixture(scope="module")
 def sdxl(client) -> bool:
     """Whether the WebUI holds an SDXL checkpoint (the harness test extension's state, else the model list)."""

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Set
 
 from ..models import DiffusionModel, HeldModel, ModelLoadError
 from ..models.adapters import adapt
-from .host import CheckpointFacts, HostError, Verification
+from .host import PREVIEW_SAMPLER, CheckpointFacts, HostError, Verification
 
 JOB_FIELDS = ("job", "job_count", "job_no", "sampling_step", "sampling_steps", "textinfo")
 
@@ -30,6 +30,9 @@ def _networks():
 
 class A1111Host:
     """What a job needs from a running AUTOMATIC1111 WebUI."""
+
+    _stopping = False  # stop_generation set the Interrupt flag for the image being generated
+    _interrupted_before_stop = False
 
     @staticmethod
     def shared():
@@ -119,6 +122,13 @@ class A1111Host:
                     progress.finish_task(task_id)
                 state.end()
 
+    def end_task(self, task_id: Optional[str]) -> None:
+        """Marks the task finished in the WebUI's progress API, which tells the page's bar to go."""
+        from modules import progress
+
+        if task_id:
+            progress.finish_task(task_id)
+
     def training_model(self) -> DiffusionModel:
         """The loaded checkpoint as a DiffusionModel, with the built-in Lora's merged weights undone."""
         self.check_trainable()
@@ -152,21 +162,36 @@ class A1111Host:
         self.shared().state.assign_current_image(image)
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
-                 negative_prompt: str = "", cfg_scale: float = 7.0):
-        """One image from the WebUI's own txt2img pipeline and sampler; the caller holds the queue lock."""
+                 negative_prompt: str = "", cfg_scale: float = 7.0, sampler: str = PREVIEW_SAMPLER):
+        """One image from the WebUI's own txt2img pipeline and sampler; the caller holds the queue lock.
+
+        The progress fields and the Interrupt flag are put back afterwards: an Interrupt the user pressed
+        during the image stays set (the job stops on it), one from `stop_generation` does not.
+        """
         from modules import processing
 
         state = self.shared().state
         saved = {name: getattr(state, name) for name in JOB_FIELDS}
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=self.sd_model(), prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-            width=width, height=height, cfg_scale=cfg_scale, do_not_save_samples=True, do_not_save_grid=True)
+            width=width, height=height, cfg_scale=cfg_scale, sampler_name=sampler, do_not_save_samples=True,
+            do_not_save_grid=True)
         try:
             with contextlib.closing(p):
-                return processing.process_images(p).images[0]
+                images = processing.process_images(p).images
+            return images[0] if images else None  # interrupted before the first image
         finally:
             for name, value in saved.items():
                 setattr(state, name, value)
+            if self._stopping:
+                state.interrupted, self._stopping = self._interrupted_before_stop, False
+
+    def stop_generation(self) -> None:
+        """The sampler checks shared.state.interrupted at every step, as for the page's Interrupt button."""
+        state = self.shared().state
+        if not self._stopping:
+            self._interrupted_before_stop, self._stopping = bool(state.interrupted), True
+        state.interrupted = True
 
     def after_save(self, path: Path) -> Verification:
         """A new LoRA file: checked with the WebUI's own loader, listed, and no stale conditioning left to reuse."""

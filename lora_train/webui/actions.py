@@ -21,6 +21,7 @@ from ..config import (DEFAULT_CONFIG_PATH, ConfigError, DataConfig, TrainConfig,
 from ..dataset import load_dataset
 from ..jobs import JobRunner
 from ..trainer import step_plan
+from .form import in_words
 from .host import Host
 
 Rows = List[List[str]]
@@ -40,9 +41,25 @@ def scan_folder(folder: str) -> Tuple[str, Rows, List[Tuple[str, str]]]:
         return f"**Cannot use this folder:** {html.escape(str(error))}", [], []
     root = Path(folder)
     rows = [[sample.path.relative_to(root).as_posix(), sample.caption] for sample in dataset.samples]
-    gallery = [(str(sample.path), sample.caption or "(no caption)") for sample in dataset.samples]
     report = html.escape(dataset.report.summary()).replace("\n", "  \n")
-    return f"**{len(rows)} images.** {report}", rows, gallery
+    return f"**{len(rows)} images.** {report}", rows, gallery_items(folder, rows)
+
+
+def gallery_items(folder: str, rows: Any) -> List[Tuple[str, str]]:
+    """(image path, caption) for the gallery, from the grid's rows: it shows the captions as edited."""
+    root = Path(folder)
+    return [(str(_inside(root, path)), caption or "(no caption)") for path, caption in _clean(rows)]
+
+
+def caption_trigger(rows: Any) -> str:
+    """The first tag that at least half of the captions start with (the trigger word they use), else ""."""
+    firsts = [split_tags(caption)[:1] for _, caption in _clean(rows)]
+    counts = count_tags(first[0] for first in firsts if first)
+    if not counts:
+        return ""
+    tag, count = max(counts.items(), key=lambda item: item[1])
+    starts = next(first[0] for first in firsts if first and first[0].lower() == tag)  # as the captions spell it
+    return starts if 2 * count >= len(firsts) else ""
 
 
 def _inside(folder: Path, relative: str) -> Path:
@@ -203,11 +220,16 @@ def job_view(runner: JobRunner, kind: str) -> Dict[str, Any]:
     status = job.snapshot()
     line = status["message"] or status["state"]
     if status["state"] == "failed":
-        line = f"**Failed:** {html.escape(status['error'] or '')}"
+        line = f"**Failed:** {html.escape(in_words(status['error'] or ''))}"
+        if status["advice"]:
+            line += " Apply the suggested settings with the button below, then start again."
     elif status["state"] in ("done", "stopped"):
         line = f"**{status['state'].capitalize()}.** {html.escape(status['message'])}"
+    elif job.stop_mode:
+        line = f"**Stopping** ({'saving' if job.stop_mode == 'save' else 'discarding'} the LoRA): {line}"
     report = status.get("report") or {}
-    return {"status": line, "losses": status["losses"], "previews": report.get("previews", []),
+    previews = [(path, f"step {int(Path(path).stem.split('-')[-1])}") for path in report.get("previews", [])]
+    return {"status": line, "losses": status["losses"], "previews": previews,
             "running": status["state"] == "running", "status_raw": status}
 
 
@@ -235,3 +257,8 @@ def with_lora(prompt: str, name: str, weight: float) -> str:
 
 def without_lora(prompt: str, name: str) -> str:
     return _tag_pattern(name).sub("", prompt).strip().strip(",").strip()
+
+
+def infotext(prompt: str, seed: int, size: int, steps: int, sampler: str) -> str:
+    """The generation parameters as the WebUI writes them under an image, which "Send to txt2img" reads."""
+    return f"{prompt}\nSteps: {steps}, Sampler: {sampler}, CFG scale: 7, Seed: {seed}, Size: {size}x{size}"

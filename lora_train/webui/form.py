@@ -21,6 +21,17 @@ CHOICES = {"training.lr_scheduler": LR_SCHEDULERS, "training.optimizer": OPTIMIZ
            "training.mixed_precision": MIXED_PRECISION, "training.matmul_precision": MATMUL_PRECISION,
            "output.save_precision": SAVE_PRECISION, "model.prediction": PREDICTIONS}
 _COMMENTED_KEY = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
+# What a first run needs, in this order, shown above the "Advanced" group that holds every other key.
+BASIC = ("output.output_name", "training.epochs", "training.max_train_steps", "data.resolution", "model.lora_rank",
+         "training.learning_rate", "model.train_text_encoder")
+LABELS = {"data.min_bucket_reso": "Min bucket size", "data.max_bucket_reso": "Max bucket size",
+          "model.lora_rank": "LoRA rank", "model.alpha": "LoRA alpha", "training.lr_scheduler": "LR scheduler",
+          "training.lr_warmup_steps": "LR warmup steps", "training.text_encoder_lr": "Text encoder LR",
+          "training.min_snr_gamma": "Min SNR gamma", "model.conv_rank": "Conv rank (LoCon)",
+          "model.conv_alpha": "Conv alpha", "output.output_name": "Output name (the LoRA's file name)",
+          "training.max_train_steps": "Max train steps (empty: epochs decide)"}
+_KEY = re.compile(r"\b(data|model|training|output)\.(\w+)")
+_SQUARE = re.compile(r"\b(\w+)\*\*2\b")
 
 
 @dataclass
@@ -36,6 +47,36 @@ class Field:
     @property
     def key(self) -> str:
         return f"{self.section}.{self.name}"
+
+    @property
+    def label(self) -> str:
+        return label(self.key)
+
+    @property
+    def basic(self) -> bool:
+        return self.key in BASIC
+
+
+def label(key: str) -> str:
+    """"data.min_bucket_reso" -> "Min bucket size": the name the form shows for a config key."""
+    return LABELS.get(key) or key.split(".", 1)[1].replace("_", " ").capitalize()
+
+
+def in_words(message: str) -> str:
+    """A config error as people read it: labels first, each key after its label, no expressions.
+
+    "data.min_bucket_reso: 128 is not valid; use a value >= 256" becomes
+    "Min bucket size: 128 is not valid; use a value >= 256 (data.min_bucket_reso)".
+    """
+    message = _SQUARE.sub(lambda match: f"{match.group(1)} x {match.group(1)}", message)
+    head = _KEY.match(message)
+    rest = message[head.end():].lstrip(": ") if head and message[head.end():].startswith(":") else None
+    if rest is None:
+        return _KEY.sub(lambda match: f"{label(match.group(0))} ({match.group(0)})", message)
+    named = _KEY.sub(lambda match: f"{label(match.group(0))} ({match.group(0)})", rest)
+    if head.group(0) in rest:  # the message names its key where it says what to change
+        return named[:1].upper() + named[1:]
+    return f"{label(head.group(0))}: {named} ({head.group(0)})"
 
 
 def yaml_comments() -> Dict[str, str]:
@@ -96,10 +137,15 @@ def config_to_values(fields: List[Field], config: TrainConfig) -> List[Any]:
     return [to_form(field, getattr(getattr(config, field.section), field.name)) for field in fields]
 
 
+def basic_first(fields: List[Field]) -> List[Field]:
+    """The BASIC fields in their order, then the others in config order: the order the form shows them."""
+    by_key = {field.key: field for field in fields}
+    return [by_key[key] for key in BASIC] + [field for field in fields if not field.basic]
+
+
 def advised_values(fields: List[Field], advice: Dict[str, Any]) -> Dict[str, Any]:
     """{"section.key": form value} for the advised settings ({"training.batch_size": 2}) that are form fields."""
     return {field.key: to_form(field, advice[field.key]) for field in fields if field.key in advice}
-
 
 
 def _number(text: str, kind: str) -> Any:

@@ -14,6 +14,9 @@ from typing import ContextManager, Dict, List, Optional, Protocol
 from ..models import DiffusionModel
 
 
+PREVIEW_SAMPLER = "Euler a"  # the sampler of previews and test images, which "Send to txt2img" passes on
+
+
 class HostError(ValueError):
     """The WebUI is not in a state to train; the message says what to change."""
 
@@ -44,6 +47,9 @@ class Host(Protocol):
     def exclusive(self, job: str, task_id: Optional[str] = None) -> ContextManager:
         """The WebUI's GPU to ourselves for the block (its queue lock), with its progress state bracketed."""
 
+    def end_task(self, task_id: Optional[str]) -> None:
+        """The page's progress bar for a task id stops waiting: the job it was for was refused."""
+
     def check_trainable(self) -> None:
         """Raises HostError (what to change) when the loaded model or the WebUI's flags cannot train."""
 
@@ -57,8 +63,13 @@ class Host(Protocol):
         changed); raises HostError when none is loaded."""
 
     def generate(self, prompt: str, seed: int, steps: int = 20, width: int = 512, height: int = 512,
-                 negative_prompt: str = "", cfg_scale: float = 7.0):
-        """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`."""
+                 negative_prompt: str = "", cfg_scale: float = 7.0, sampler: str = PREVIEW_SAMPLER):
+        """One PIL image from the WebUI's own pipeline and sampler; the caller holds `exclusive`. After
+        `stop_generation` (or the WebUI's Interrupt) it returns early: a partly denoised image, or None."""
+
+    def stop_generation(self) -> None:
+        """Cuts the image `generate` is making short (from another thread); the WebUI's own Interrupt state is
+        as it was once `generate` returns."""
 
     def report(self, step: int, total: int, text: str) -> None:
         """Progress for the WebUI's own progress bar."""

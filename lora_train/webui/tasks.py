@@ -24,6 +24,7 @@ from ..export import check_free
 from ..jobs import Job, JobResult
 from ..pipeline import train_lora
 from ..save_plan import check_plan
+from . import status_text
 from .host import Host
 
 Work = Callable[[Job], JobResult]
@@ -88,21 +89,28 @@ class HostProgress:
     def __call__(self, event: str, trainer) -> None:
         info = trainer.info
         if event == "cache":
-            text = f"caching latents {info.cached}/{info.cache_total}"
-            self.job.update(message=text)
-            self.host.report(0, info.total_steps, text)
+            self._say(0, info.total_steps, status_text.cache_line(info.cached, info.cache_total))
+        elif event == "start":
+            self._say(info.step, info.total_steps, f"starting: {info.total_steps} steps")
         elif event == "step":
-            text = (f"step {info.step}/{info.total_steps}, loss {info.loss:.4f}, "
-                    f"{1 / max(info.seconds_per_step, 1e-9):.2f} it/s, ETA {info.eta_s:.0f} s")
             self.job.update(step=info.step, total_steps=info.total_steps, loss=info.loss, eta_s=info.eta_s,
-                            losses=list(trainer.position.losses), message=text)
-            self.host.report(info.step, info.total_steps, text)
+                            losses=list(trainer.position.losses))
+            self._say(info.step, info.total_steps,
+                      status_text.step_line(info.step, info.total_steps, info.loss, info.seconds_per_step))
         if trainer.stop_mode is None and (self.job.stop_mode or self.host.interrupted()):
             trainer.request_stop(self.job.stop_mode or "save")
 
+    def _say(self, step: int, total: int, text: str) -> None:
+        self.job.update(message=text)
+        self.host.report(step, total, text)
+
 
 class Previews:
-    """Trainer callback: an image from the WebUI's sampler at the start and every N steps, same seed."""
+    """Trainer callback: an image from the WebUI's sampler at the start and every N steps, same seed.
+
+    A stop requested while an image is being generated cuts the image short (the WebUI's Interrupt), so the
+    job stops within a step; that half-made image is not kept.
+    """
 
     def __init__(self, host: Host, options: PreviewOptions, folder: Path, job: Job):
         self.host, self.options, self.folder, self.job = host, options, folder, job
@@ -112,21 +120,36 @@ class Previews:
         every, step = self.options.every_n_steps, trainer.position.step
         if not every or not (event == "start" or (event == "step" and step % every == 0)):
             return
-        prompt = self.options.prompt or trainer.dataset.samples[0].caption
-        size = trainer.config.data.resolution
-        trainer.network.eval()
-        try:
-            with trainer.offloader.suspended():  # generation needs the VAE and text encoder
-                image = self.host.generate(prompt, self.options.seed, self.options.steps,
-                                           self.options.width or size, self.options.height or size)
-        finally:
-            trainer.network.train()
+        if self.job.stop_mode is not None:
+            return
+        text = status_text.preview_line(step)
+        self.job.update(message=text)
+        self.host.report(step, trainer.total_steps, text)
+        image = self._generate(trainer)
+        if self.job.stop_mode is not None:  # asked during the image: stop before the next step
+            trainer.request_stop(self.job.stop_mode)
+            return
+        if image is None:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:06d}.png"
         image.save(path)
         self.paths.append(str(path))
         self.host.show_image(image)
         self.job.update(report={"previews": list(self.paths)})
+
+    def _generate(self, trainer):
+        size = trainer.config.data.resolution
+        trainer.network.eval()
+        try:
+            with trainer.offloader.suspended(), self.job.stop_listener(self.host.stop_generation):
+                if self.job.stop_mode is not None:  # asked just before the listener was there
+                    return None
+                return self.host.generate(self.options.prompt or trainer.dataset.samples[0].caption,
+                                          self.options.seed, self.options.steps, self.options.width or size,
+                                          self.options.height or size)
+        finally:
+            trainer.network.train()
 
 
 def train_job(values: Dict[str, Any], host: Host, preview: Optional[PreviewOptions] = None,
@@ -155,7 +178,9 @@ def train_job(values: Dict[str, Any], host: Host, preview: Optional[PreviewOptio
                                f"{verification.matched} of its {verification.stems} layers (could not place: "
                                f"{', '.join(verification.unmatched[:5])}); please report this")
         state = "done" if result.state == "done" else "stopped"
-        return JobResult(state=state, output=str(result.lora_path) if result.lora_path else None, report=report)
+        return JobResult(state=state, output=str(result.lora_path) if result.lora_path else None, report=report,
+                         message=status_text.train_end_line(result.state, result.steps, result.total_steps,
+                                                            result.seconds))
     return work
 
 

@@ -29,6 +29,7 @@ class StableDiffusionProcessing:
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
+    sampler_name: str = None  # the stand-in samples with Euler whatever is named, as a sampler Forge has
     steps: int = 20
     cfg_scale: float = 7.0
     width: int = 512
