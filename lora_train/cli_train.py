@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import yaml
 
@@ -28,6 +28,9 @@ from .preflight import MemoryPreflightError, apply_changes, changes_text
 from .run_lock import RunLockedError
 from .save_plan import SaveFailedError, SavePlanError
 from .trainer import TrainingDivergedError, step_plan
+
+if TYPE_CHECKING:
+    import torch
 
 USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, CheckpointError, OutputExistsError, ImportError,
                TrainingDivergedError, MemoryPreflightError, TrainingOutOfMemoryError, SavePlanError, RunLockedError,

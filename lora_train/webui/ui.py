@@ -242,7 +242,7 @@ def _watch(runner: JobRunner, host: Host, folder: str, name: str) -> Iterator[tu
 
 
 def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: Host) -> None:
-    name, overwrite = component(ui, "output.output_name"), component(ui, "output.overwrite")
+    name = component(ui, "output.output_name")
 
     def start_train(task_id, folder, preset, every, prompt, seed, *values):
         config = config_values(ui, folder, list(values))
