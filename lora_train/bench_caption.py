@@ -60,16 +60,17 @@ def tiny_vision_config() -> dict:
             "num_attention_heads": 2, "image_size": TINY_IMAGE_SIZE, "patch_size": 8}
 
 
-def build_tiny_blip(folder: Path, seed: int = 0) -> Path:
+def build_tiny_blip(folder: Path, seed: int = 0, text_positions: int = 128) -> Path:
     """Saves a randomly initialised tiny BLIP captioner (weights, processor, tokenizer) to folder; returns it.
 
-    The init is seeded and wider than BLIP's default (std 0.1) so that captions depend on the image.
+    The init is seeded and wider than BLIP's default (std 0.1) so that captions depend on the image;
+    `text_positions` is the longest text its decoder takes.
     """
     torch, transformers = require_torch_transformers()
     folder = Path(folder)
     tokenizer = write_tiny_tokenizer(folder, bos_token="[DEC]")
     text = dict(tiny_text_config(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                sep_token_id=tokenizer.sep_token_id, initializer_range=0.1)
+                sep_token_id=tokenizer.sep_token_id, initializer_range=0.1, max_position_embeddings=text_positions)
     vision = dict(tiny_vision_config(), projection_dim=TINY_WIDTH, initializer_range=0.1)
     config = transformers.BlipConfig(text_config=text, vision_config=vision, projection_dim=TINY_WIDTH,
                                      image_text_hidden_size=TINY_WIDTH)

@@ -136,12 +136,25 @@ class _Run:
             caption = self.csv_rows.get(_csv_key(image, Path(self.options.csv_path)), "")
         return caption
 
+    def csv_can_name(self, image: Path) -> bool:
+        """Whether the CSV can hold the image's name (a UTF-8 file; a name from a non-UTF-8 folder cannot be)."""
+        try:
+            _csv_key(image, Path(self.options.csv_path)).encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
     def write(self, image: Path, caption: str) -> None:
         if self.options.write_txt:
             write_text_atomic(image.with_suffix(SIDECAR_EXTENSION), caption)
-        if self.csv_rows is not None:
+        if self.csv_rows is not None and self.csv_can_name(image):
             self.csv_rows[_csv_key(image, Path(self.options.csv_path))] = caption
         self.report.captioned += 1
+
+    def save_csv(self) -> None:
+        """Writes the CSV with every caption so far (atomically), so a crash later keeps them."""
+        if self.csv_rows and self.report.captioned:
+            write_caption_csv(Path(self.options.csv_path), self.csv_rows)
 
 
 def _plan(run: _Run, images: List[Path]) -> List[Tuple[Path, str]]:
@@ -152,6 +165,10 @@ def _plan(run: _Run, images: List[Path]) -> List[Tuple[Path, str]]:
         sidecar = image.with_suffix(SIDECAR_EXTENSION)
         if run.options.write_txt and sidecar in claimed:
             run.report.failed.append((image, f"shares {sidecar.name} with {claimed[sidecar].name}; rename one"))
+            continue
+        if not run.options.write_txt and not run.csv_can_name(image):
+            run.report.failed.append((image, "its path is not valid UTF-8, so metadata.csv cannot name it; rename "
+                                             "the file or folder, or write .txt captions"))
             continue
         claimed[sidecar] = image
         try:
@@ -205,7 +222,8 @@ def caption_folder(folder: Union[str, Path], captioner: ImageCaptioner, options:
     """Captions the folder's images in batches of captioner.batch_size and writes the captions.
 
     `progress(done, total)` is called before the first batch and after each one (total: images to caption);
-    `stop` (a callable or threading.Event) is checked before each batch. Captions done so far are always kept.
+    `stop` (a callable or threading.Event) is checked before each batch. Captions done so far are always kept:
+    sidecars are written per image, a metadata.csv after every batch.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -226,11 +244,13 @@ def caption_folder(folder: Union[str, Path], captioner: ImageCaptioner, options:
                 run.report.stopped = True
                 break
             _caption_batch(run, jobs[start:start + size])
+            if csv_path:
+                run.save_csv()
             if progress:
                 progress(min(start + size, len(jobs)), len(jobs))
     finally:
-        if csv_path and run.csv_rows and run.report.captioned:
-            write_caption_csv(csv_path, run.csv_rows)
+        if csv_path:
+            run.save_csv()
     run.report.seconds = time.perf_counter() - started
     run.report.images_per_s = run.report.captioned / run.report.seconds if run.report.seconds > 0 else 0.0
     return run.report

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import gc
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from PIL import Image
 from lora_train.caption_writer import CaptionError
 from lora_train.tagger import DEFAULT_TAGGER, TaggerOptions, WdTagger, create_tagger, is_tagger_model
 
+logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # A checkpoint prompted with booru tags names its lineage, or has such tags in its training metadata.
@@ -150,7 +152,14 @@ class Captioner(abc.ABC):
         return captions
 
     def _generation_kwargs(self) -> Dict[str, int]:
-        return {"max_length": self.options.max_length, "min_length": self.options.min_length,
+        """The options' lengths, clamped to the text positions the loaded model has (a small model's limit)."""
+        config = self.model.config
+        limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        max_length = min(self.options.max_length, limit) if limit else self.options.max_length
+        if max_length < self.options.max_length:
+            logger.info("max_length %d clamped to the %d text positions of %s", self.options.max_length, limit,
+                        self.source)
+        return {"max_length": max_length, "min_length": min(self.options.min_length, max_length),
                 "num_beams": self.options.num_beams}
 
     def _inputs(self, images: List[Image.Image], **text: Any) -> Dict[str, Any]:
