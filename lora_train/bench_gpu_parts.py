@@ -88,7 +88,8 @@ def _speed_row(part: str, name: str, result: RowResult, device: str) -> Dict:
     if device.startswith("cuda"):
         row["peak_bytes"] = result.peak_bytes
         if result.estimate_bytes:
-            row["estimate_bytes"], row["estimate_ratio"] = result.estimate_bytes, result.estimate_bytes / result.peak_bytes
+            row["estimate_bytes"] = result.estimate_bytes
+            row["estimate_ratio"] = result.estimate_bytes / result.peak_bytes
     elif result.estimate_bytes:
         row["estimate_bytes"] = result.estimate_bytes
     return row
