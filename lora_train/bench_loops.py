@@ -20,8 +20,9 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class BenchSettings:
     gradient_checkpointing: bool = False  # in every row (ours through its config)
     seed: int = 0
     checkpoint: str = ""  # the file (or folder) the cli row loads; "" = model
-
+    precision: str = "fp16"  # fp16 or bf16: the frozen weights and autocast on a GPU (the CPU is always fp32)
 
     @property
     def total_steps(self) -> int:
@@ -65,6 +66,7 @@ class RowResult:
     parameters: int = 0  # UNet parameters
     setup_seconds: float = 0.0  # fast and compiled rows: the first step (which compiles, in the compiled row)
     notes: List[str] = field(default_factory=list)
+    estimate_bytes: int = 0  # ours: the memory preflight's estimate of the peak for these settings
 
     @property
     def median_ms(self) -> float:
@@ -84,17 +86,39 @@ def run_row(name: str, settings: BenchSettings) -> RowResult:
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         images = write_bench_images(Path(folder) / "images", settings)
+        estimates: List[int] = []
         if name == "cli":
             model, (times, losses) = _cli(images, settings, Path(folder))
         else:
-            model = build_bench_model(settings.model, device, encoders=name != "floor")
-            loop = {"floor": _floor, "ours": _ours, "reference": _reference, "fast": _fast, "compiled": _compiled}
+            model = build_bench_model(settings.model, device, encoders=name != "floor", dtype=_dtype(settings))
+            loop = {"floor": _floor, "ours": partial(_ours, estimates=estimates), "reference": _reference,
+                    "fast": _fast, "compiled": _compiled}
             times, losses = loop[name](model, images, settings, Path(folder))
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     setup = times[0] if name in ("fast", "compiled") else 0.0
     return RowResult(name, times, losses, peak, settings.warmup, sum(p.numel() for p in model.unet.parameters()),
-                     setup)
+                     setup, estimate_bytes=estimates[0] if estimates else 0)
+
+
+def _dtype(settings: BenchSettings) -> torch.dtype:
+    """The frozen weights' dtype: the settings' precision on a GPU, fp32 on the CPU."""
+    if torch.device(settings.device).type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[settings.precision]
+
+
+def _preflight_estimate(model, config, settings: BenchSettings) -> int:
+    """The bytes the memory preflight estimates for this run, computed as the pipeline does before step 1."""
+    from .pipeline import attached, build_network
+    from .preflight import activation_bytes_per_pixel, estimate_memory
+
+    network = build_network(config, model)
+    with model.training(config.training.gradient_checkpointing, False), attached(network):
+        per_pixel = activation_bytes_per_pixel(model)
+    adapters = sum(p.numel() for p in network.parameters())
+    del network
+    return estimate_memory(model, config, (settings.resolution,) * 2, adapters, per_pixel).total
 
 
 def _timed(step: Callable[[int], float], count: int, device: torch.device) -> Tuple[List[float], List[float]]:
@@ -108,13 +132,14 @@ def _timed(step: Callable[[int], float], count: int, device: torch.device) -> Tu
     return times, losses
 
 
-def _bench_config(images: Path, settings: BenchSettings, out: Path, **training):
+def bench_config(images: Path, settings: BenchSettings, out: Path, **training):
     from .config import DataConfig, TrainConfig
 
     config = TrainConfig(data=DataConfig(train_data_dir=str(images), resolution=settings.resolution,
                                          min_bucket_reso=64, max_bucket_reso=max(64, settings.resolution)))
     config.model.lora_rank, config.model.alpha, config.model.train_text_encoder = settings.rank, settings.rank, False
     training = dict(batch_size=settings.batch_size, max_train_steps=settings.total_steps, seed=settings.seed,
+                    mixed_precision=settings.precision,
                     learning_rate=LEARNING_RATE, gradient_checkpointing=settings.gradient_checkpointing, **training)
     for key, value in training.items():
         setattr(config.training, key, value)
@@ -122,7 +147,9 @@ def _bench_config(images: Path, settings: BenchSettings, out: Path, **training):
     return config.validate(require_base_model=False)
 
 
-def _ours(model, images: Path, settings: BenchSettings, out: Path, **training) -> Tuple[List[float], List[float]]:
+def _ours(model, images: Path, settings: BenchSettings, out: Path, estimates: Optional[List[int]] = None,
+          **training) -> Tuple[List[float], List[float]]:
+    """Our pipeline's steps; `estimates` (if given) gets the preflight's estimate, taken before the run."""
     from .pipeline import train_lora
 
     marks: List[float] = []
@@ -132,7 +159,10 @@ def _ours(model, images: Path, settings: BenchSettings, out: Path, **training) -
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
             marks.append(time.perf_counter())
-    result = train_lora(_bench_config(images, settings, out, **training), model, callbacks=[clock])
+    config = bench_config(images, settings, out, **training)
+    if estimates is not None:
+        estimates.append(_preflight_estimate(model, config, settings))
+    result = train_lora(config, model, callbacks=[clock])
     return [after - before for before, after in zip(marks, marks[1:])], result.losses
 
 
@@ -140,7 +170,7 @@ def _cli(images: Path, settings: BenchSettings, out: Path):
     """(model, (times, losses)) of the command line's run on the checkpoint file `settings.model`."""
     from .cli_train import load_for_training
 
-    config = _bench_config(images, settings, out)
+    config = bench_config(images, settings, out)
     config.model.base_model = settings.checkpoint or settings.model
     model = load_for_training(config, torch.device(settings.device))
     return model, _ours(model, images, settings, out)
@@ -193,7 +223,7 @@ def _floor(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[Li
     def step(index: int) -> float:
         x0, c, noise, t = batches[index]
         a = alphas[t].view(-1, 1, 1, 1)
-        with _autocast(model.device):
+        with _autocast(model.device, settings):
             prediction = model.predict(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, c)
         loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
@@ -237,9 +267,10 @@ def _checkpointing(unet, settings: BenchSettings) -> None:
         unet.train()
 
 
-def _autocast(device: torch.device):
-    """fp16 autocast on a GPU (where the frozen weights are fp16), none on the CPU (fp32)."""
-    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, settings: BenchSettings):
+    """fp16 or bf16 autocast on a GPU (the frozen weights' dtype), none on the CPU (fp32)."""
+    return torch.autocast("cuda", dtype=_dtype(settings) if device.type == "cuda" else torch.float16,
+                          enabled=device.type == "cuda")
 
 
 def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tuple[List[float], List[float]]:
@@ -263,7 +294,7 @@ def _reference(model, images: Path, settings: BenchSettings, _out: Path) -> Tupl
 
     def step(index: int) -> float:
         rows = [(index * settings.batch_size + k) % len(pixels) for k in range(settings.batch_size)]
-        with _autocast(model.device):
+        with _autocast(model.device, settings):
             latents = vae.encode(pixels[rows].to(model.device, vae.dtype)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             noise = torch.randn_like(latents)

@@ -36,8 +36,9 @@ SDXL_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
-def build_bench_model(name: str, device: torch.device, encoders: bool = True) -> DiffusersModel:
-    """sd15, sdxl or a checkpoint path on device: fp16 UNet and text encoders on a GPU, fp32 on the CPU (VAE fp32).
+def build_bench_model(name: str, device: torch.device, encoders: bool = True,
+                      dtype: torch.dtype = torch.float32) -> DiffusersModel:
+    """sd15, sdxl or a checkpoint path on device, the UNet and text encoders in `dtype` (the VAE fp32).
 
     sd15 and sdxl without encoders have only their UNet (the floor's memory is the UNet's).
     """
@@ -45,7 +46,7 @@ def build_bench_model(name: str, device: torch.device, encoders: bool = True) ->
 
     builders = {"sd15": _sd15, "sdxl": _sdxl}
     model = builders[name](encoders) if name in builders else load_diffusers_model(name)
-    return model.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    return model.to(device, dtype)
 
 
 def _sd15(encoders: bool) -> DiffusersModel:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__, bench_caption, bench_train, cli_caption, cli_demo, cli_train
+from . import __version__, bench_caption, bench_gpu, bench_train, cli_caption, cli_demo, cli_train
 
 
 def _program_name() -> str:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_commands = bench.add_subparsers(dest="bench", required=True)
     bench_caption.add_parser(bench_commands)
     bench_train.add_parser(bench_commands)
+    bench_gpu.add_parser(bench_commands)
     cli_demo.add_parser(subparsers)
     return parser
 
