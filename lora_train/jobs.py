@@ -155,13 +155,21 @@ class JobRunner:
                 raise JobNotFoundError(job_id)
             return self._jobs[job_id]
 
+    def check_free(self) -> None:
+        """Raises JobBusyError while a job runs (so a request is answered "busy" before its own checks)."""
+        with self._lock:
+            self._check_free()
+
+    def _check_free(self) -> None:
+        running = next((job for job in self._jobs.values() if not job.done.is_set()), None)
+        if running is not None:
+            raise JobBusyError(f"a {running.status.kind} job ({running.id}) is running; stop it or wait "
+                               "for it to finish")
+
     def start(self, kind: str, work: Callable[[Job], JobResult]) -> Job:
         """Starts work(job) in a thread; raises JobBusyError while another job runs."""
         with self._lock:
-            running = next((job for job in self._jobs.values() if not job.done.is_set()), None)
-            if running is not None:
-                raise JobBusyError(f"a {running.status.kind} job ({running.id}) is running; stop it or wait "
-                                   "for it to finish")
+            self._check_free()
             job = Job(kind)
             self._jobs[job.id] = job
             while len(self._jobs) > KEEP_FINISHED:

@@ -9,20 +9,24 @@ on 127.0.0.1:$FORGE_PORT (7870) and log to $FORGE_LOG (default: `$FORGE_ROOT/log
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import functools
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
+
+import real_host
+from real_host import host_client, wait_for_job
 
 WEBUI = os.environ.get("FORGE_WEBUI_DIR")
 pytestmark = pytest.mark.skipif(not WEBUI, reason="FORGE_WEBUI_DIR is not set: no real Forge to test against")
 BASE = f"http://127.0.0.1:{os.environ.get('FORGE_PORT', '7870')}"
 NAME = "lora_train_forge_test"
 TXT2IMG = {"steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 5}
+wait = functools.partial(wait_for_job, timeout_s=900)
+image_hash = functools.partial(real_host.image_hash, txt2img=TXT2IMG)
+fingerprint = functools.partial(real_host.fingerprint, required=True)
 SD15_KEYS = {"UNet": 192, "CLIP": 72}  # kohya modules of SD1.5: attention blocks, CLIP q/k/v/out and MLP
 
 
@@ -32,36 +36,13 @@ def _log() -> Path:
 
 @pytest.fixture(scope="module")
 def client():
-    httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=BASE, timeout=600) as session:
-        try:
-            session.get("/sdapi/v1/sd-models").raise_for_status()
-        except httpx.HTTPError as error:
-            pytest.fail(f"no Forge answering at {BASE} ({error}); start it with the extension installed")
-        yield session
+    yield from host_client(BASE, "Forge", timeout_s=600)
 
 
-def wait(client, job_id: str, until=lambda status: status["state"] != "running", timeout_s: float = 900) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = client.get(f"/lora-train/v1/jobs/{job_id}").json()
-        if until(status) or status["state"] != "running":
-            return status
-        time.sleep(0.5)
-    pytest.fail(f"job {job_id} did not get there in {timeout_s} s")
 
 
-def image_hash(client, prompt: str) -> str:
-    response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, **TXT2IMG})
-    response.raise_for_status()
-    return hashlib.sha256(base64.b64decode(response.json()["images"][0])).hexdigest()
 
 
-def fingerprint(client) -> dict:
-    """The harness test extension's sha256 of UNet+CLIP+VAE state, grad/inference/training flags, hooks, RNG."""
-    response = client.get("/harness/fingerprint")
-    response.raise_for_status()
-    return response.json()
 
 
 def lora_lines(since: int, path: Path) -> list:

@@ -10,31 +10,29 @@ Lora loader's "didn't match keys" lines are looked for in $A1111_LOG (default: t
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import functools
 import os
-import time
 from pathlib import Path
 
 import pytest
+
+import real_host
+from real_host import host_client, wait_for_job
 
 WEBUI = os.environ.get("SD_WEBUI_DIR")
 pytestmark = pytest.mark.skipif(not WEBUI, reason="SD_WEBUI_DIR is not set: no real WebUI to test against")
 BASE = f"http://127.0.0.1:{os.environ.get('A1111_PORT', '7860')}"
 NAME = "lora_train_real_test"
 TXT2IMG = {"steps": 3, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 5}
+wait = functools.partial(wait_for_job, timeout_s=600)
+image_hash = functools.partial(real_host.image_hash, txt2img=TXT2IMG)
+fingerprint = functools.partial(real_host.fingerprint, required=False)
 LOG = Path(os.environ.get("A1111_LOG") or Path(WEBUI or ".").parent / "logs" / "server-api.log")
 
 
 @pytest.fixture(scope="module")
 def client():
-    httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=BASE, timeout=300) as session:
-        try:
-            session.get("/sdapi/v1/sd-models").raise_for_status()
-        except httpx.HTTPError as error:
-            pytest.fail(f"no WebUI answering at {BASE} ({error}); start it with the extension installed")
-        yield session
+    yield from host_client(BASE, "WebUI", timeout_s=300)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,26 +60,10 @@ def sd1(sdxl):
         pytest.skip("an SD1 case: the WebUI holds an SDXL checkpoint")
 
 
-def wait(client, job_id: str) -> dict:
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = client.get(f"/lora-train/v1/jobs/{job_id}").json()
-        if status["state"] != "running":
-            return status
-        time.sleep(0.5)
-    pytest.fail(f"job {job_id} did not finish in 10 minutes")
 
 
-def image_hash(client, prompt: str) -> str:
-    response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, **TXT2IMG})
-    response.raise_for_status()
-    return hashlib.sha256(base64.b64decode(response.json()["images"][0])).hexdigest()
 
 
-def fingerprint(client) -> dict:
-    """The harness test extension's sha256 of the model state, grads, modes and hooks, when it is installed."""
-    response = client.get("/harness/fingerprint")
-    return response.json() if response.status_code == 200 else {}
 
 
 @pytest.fixture(scope="module")

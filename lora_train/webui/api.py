@@ -90,13 +90,13 @@ def register(app: FastAPI, runner: JobRunner, host: Host, api_auth: Optional[str
 
     def start(kind: str, make_work: Callable) -> Dict[str, str]:
         try:
+            runner.check_free()  # busy first: a running job's own output name is locked, but busy is the answer
             work = make_work()
-        except ValueError as error:  # ConfigError, CaptionError, HostError: the message names the field
-            raise _unprocessable(error) from None
-        try:
             return {"job_id": runner.start(kind, work).id}
         except JobBusyError as error:
             raise HTTPException(409, str(error)) from None
+        except ValueError as error:  # ConfigError, CaptionError, HostError: the message names the field
+            raise _unprocessable(error) from None
 
     def caption(body: CaptionBody) -> Dict[str, str]:
         request = CaptionRequest(**body.dict())

@@ -255,6 +255,7 @@ def _wire_jobs(ui: SimpleNamespace, runner: JobRunner, host: Host) -> None:
             return f"**Cannot start:** {note}", False, gr.update(), note
         preview = PreviewOptions(every_n_steps=int(every or 0), prompt=prompt or "", seed=int(seed or 0))
         try:
+            runner.check_free()  # busy first, as the API answers
             runner.start("train", train_job(config, host, preview, task_id or None))
         except (JobBusyError, ValueError) as error:
             host.end_task(task_id)
