@@ -134,7 +134,7 @@ class Trainer:
             self.resume(Path(self.config.training.resume_from_checkpoint))
         encoders = list(self.model.encoders().values()) if self.prepare_caches() else []
         # the UNet changes memory order only while the encoders are away, so their weights and its copies never add up
-        relayout = self.config.training.channels_last and getattr(self.model, "relayout", True)  # False: host memory
+        relayout = self.config.training.channels_last and self.model.relayout
         with self._encoders_away(encoders), self._unet_loaded(), channels_last(self.model.unet, relayout):
             self._trigger("start")
             started, start_step = time.perf_counter(), self.position.step
@@ -147,20 +147,20 @@ class Trainer:
 
     @contextlib.contextmanager
     def _encoders_away(self, encoders: List[torch.nn.Module]):
-        """Offloads the encoders for the loop; afterwards they come back, or, for a model that brings them back
-        itself when it next uses them (`restore_when_used`), they stay away until then."""
+        """Offloads the encoders for the loop; afterwards the model decides when they come back
+        (`release_encoders`: at once for a host's model, when next used for the CLI's)."""
         self.offloader = Offloader(encoders, self.device)
         self.offloader.offload()
         try:
             yield
         finally:
-            getattr(self.model, "restore_when_used", lambda _away: self.offloader.restore())(self.offloader)
+            self.model.release_encoders(self.offloader)
 
     @contextlib.contextmanager
     def _unet_loaded(self):
         """A model that keeps its UNet in the file until needed (the CLI's) reads it now: after the caches are
         filled and the encoders are away, so the UNet's weights and theirs are never in memory together."""
-        getattr(self.model, "load_unet", lambda: None)()
+        self.model.load_unet()
         yield
 
     def _after_step(self) -> None:

@@ -48,6 +48,7 @@ class DiffusionModel(Protocol):
     name: str  # shown in metadata (ss_sd_model_name)
     clip_skip: int  # the text-encoder layer conditioning is taken from, counted from the last (ss_clip_skip)
     size_conditioned: bool  # whether the conditioning depends on the samples' sizes (SDXL), not only the caption
+    relayout: bool  # whether a run may put the UNet's conv weights in channels-last order (no: they share a host's)
     unet: nn.Module  # the denoiser the adapters are trained on
 
     def lora_targets(self, spec: TargetSpec) -> Dict[str, nn.Module]:
@@ -67,6 +68,13 @@ class DiffusionModel(Protocol):
 
     def training(self, gradient_checkpointing: bool, text_encoder: bool) -> ContextManager:
         """Freezes the base, sets up checkpointing; on exit restores exactly what was there."""
+
+    def load_unet(self) -> None:
+        """Reads UNet weights left in the file (the CLI reads them once the caches are filled); else nothing."""
+
+    def release_encoders(self, offloader) -> None:
+        """At the end of the loop, the encoders the run offloaded: back at once (a host's model) or when next
+        used (the CLI's, which may never use them again)."""
 
 
 @dataclass(frozen=True, order=True)

@@ -44,14 +44,23 @@ def scaled_linear_alphas_cumprod(start: float = 0.00085, end: float = 0.012, ste
     return torch.cumprod(1 - betas, dim=0).float()
 
 
-class HeldUNetPlacement:
-    """Where the UNet of a model a host holds computes, and in which dtype (`unet`, `_device` set by the adapter).
+class HeldModelAdapter:
+    """What the adapters of a model a host holds share (`unet`, `_device` set by the adapter): where its UNet
+    computes, in which dtype, and its part of the protocol that only the CLI's model does otherwise.
 
     A host that moves modules in on call (the WebUI's --medvram) passes the device; else it is where the UNet is.
     """
 
     unet: nn.Module
     _device: Optional[torch.device] = None
+    relayout = True  # the run may give the UNet's convolution weights channels-last order, and put them back
+
+    def load_unet(self) -> None:
+        """Nothing: a held model's UNet is in memory."""
+
+    def release_encoders(self, offloader) -> None:
+        """The offloaded encoders back at once: the host generates with them next."""
+        offloader.restore()
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class DiffusersModel:
     """DiffusionModel over diffusers/transformers components."""
 
+    relayout = True  # the run may give the UNet's convolution weights channels-last order, and put them back
+
     size_conditioned = False  # the conditioning depends on the caption only
     clip_skip = 1  # the text encoder's last layer (SD2's conversion already leaves out the one it skips)
 
@@ -46,7 +48,7 @@ class DiffusersModel:
             load_weights(self.unet, self.deferred_unet.read(), "UNet")
             self.deferred_unet = None
 
-    def restore_when_used(self, offloader: Offloader) -> None:
+    def release_encoders(self, offloader: Offloader) -> None:
         """Keeps the encoders a run offloaded away until they are used again (the next run, an encode), so the
         end of a run never holds them beside the UNet; a CLI run that ends there never reads them back."""
         self._away = offloader

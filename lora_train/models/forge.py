@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import CHECKPOINT_FLAGS, checkpoint_blocks, checkpointed, switched_off
+from .common import CHECKPOINT_FLAGS, HeldModelAdapter, checkpoint_blocks, checkpointed, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, compvis_to_diffusers_path,
                        find_targets, unet_blocks)
@@ -31,7 +31,7 @@ TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 FAMILY_FLAGS = (("is_sd1", "sd1"), ("is_sd2", "sd2"))
 
 
-class ForgeModel:
+class ForgeModel(HeldModelAdapter):
     """DiffusionModel over a Forge engine holding SD1 or SD2."""
 
     size_conditioned = False  # the conditioning depends on the caption only
@@ -67,10 +67,6 @@ class ForgeModel:
             raise ModelLoadError("the loaded checkpoint is an inpainting model; load the base (non-inpainting) model")
         _check_storage(objects.unet.model)
         return cls(engine, family, name=held.name, device=held.device, clip_skip=held.clip_skip)
-
-    @property
-    def device(self) -> torch.device:
-        return self._device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

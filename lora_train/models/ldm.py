@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import CHECKPOINT_FLAGS, HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
+from .common import CHECKPOINT_FLAGS, HeldModelAdapter, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX, Target, compvis_to_diffusers_path,
                        find_open_clip_targets, find_targets, unet_blocks)
@@ -56,7 +56,7 @@ def _text_encoder_targets(cond_stage_model: nn.Module, text_model: Optional[nn.M
     return find_open_clip_targets(embedder.model, TEXT_ENCODER_PREFIX, layers=len(resblocks) - embedder.layer_idx)
 
 
-class LdmModel(HeldUNetPlacement):
+class LdmModel(HeldModelAdapter):
     """DiffusionModel over an ldm LatentDiffusion (SD1 or SD2)."""
 
     size_conditioned = False  # the conditioning depends on the caption only

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
-from .common import CHECKPOINT_FLAGS, HeldUNetPlacement, checkpoint_blocks, checkpointed, frozen, switched_off
+from .common import CHECKPOINT_FLAGS, HeldModelAdapter, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
 from ..targets import (TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, Target, find_open_clip_targets,
                        find_targets, unet_blocks)
@@ -66,7 +66,7 @@ def _refuse_untrainable(sd_model: nn.Module) -> None:
                              f"channels); load the SDXL base (non-inpainting) model it was made from")
 
 
-class SgmModel(HeldUNetPlacement):
+class SgmModel(HeldModelAdapter):
     """DiffusionModel over an sgm DiffusionEngine (SDXL base and the checkpoints fine-tuned from it)."""
 
     family = "sdxl"
@@ -74,7 +74,7 @@ class SgmModel(HeldUNetPlacement):
 
     def __init__(self, sd_model: nn.Module, name: str = "", device: Optional[torch.device] = None,
                  clip_skip: int = 1):
-        """device: where the UNet runs (see HeldUNetPlacement). clip_skip: the host's setting, which its text
+        """device: where the UNet runs (see HeldModelAdapter). clip_skip: the host's setting, which its text
         encoder wrappers apply (recorded in the metadata)."""
         self.sd_model = sd_model
         self.name = name
