@@ -59,7 +59,7 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
         "ss_steps": str(steps),
         "ss_epoch": str(epoch),
         "ss_learning_rate": str(train.learning_rate),
-        "ss_text_encoder_lr": str(train.effective_text_encoder_lr if _has_text_encoder(network) else 0),
+        "ss_text_encoder_lr": str(train.effective_text_encoder_lr if network.text_encoder_stems() else 0),
         "ss_unet_lr": str(train.learning_rate),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_optimizer": train.optimizer,
@@ -70,7 +70,7 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
         "ss_min_snr_gamma": str(train.min_snr_gamma),
         "ss_zero_terminal_snr": str(schedule.zero_terminal_snr),
         "ss_seed": str(train.seed),
-        "ss_network_train_unet_only": str(not _has_text_encoder(network)),
+        "ss_network_train_unet_only": str(not network.text_encoder_stems()),
         "ss_sd_model_name": model.name,
         "ss_clip_skip": str(model.clip_skip),
         **_resolution(data, dataset),
@@ -84,10 +84,6 @@ def build_metadata(config: TrainConfig, model, network, dataset, steps: int, epo
 def _utf8(text: str) -> str:
     """The text as valid UTF-8: undecodable file-name bytes (held as surrogates) become escapes like \\xe9."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _has_text_encoder(network) -> bool:
-    return any(not stem.startswith("lora_unet") for stem in network.adapters)
 
 
 def _resolution(data, dataset) -> Dict[str, str]:

@@ -168,10 +168,15 @@ class LoRANetwork(nn.Module):
             return output + adapter(inputs[0], self.multiplier).to(output.dtype)
         return add_update
 
+    def text_encoder_stems(self) -> List[str]:
+        """The stems of every text encoder's adapters (all but the UNet's `lora_unet_*`)."""
+        return [stem for stem in self.adapters if not stem.startswith(UNET_PREFIX)]
+
     def param_groups(self, unet_lr: float, text_encoder_lr: float) -> List[Dict]:
         """Optimizer groups: the UNet's adapters (`lora_unet_*`) at unet_lr, every text encoder's at text_encoder_lr."""
-        unet = [p for stem, a in self.adapters.items() if stem.startswith(UNET_PREFIX) for p in a.parameters()]
-        text = [p for stem, a in self.adapters.items() if not stem.startswith(UNET_PREFIX) for p in a.parameters()]
+        adapters, text_stems = self.adapters, set(self.text_encoder_stems())
+        unet = [p for stem, a in adapters.items() if stem not in text_stems for p in a.parameters()]
+        text = [p for stem, a in adapters.items() if stem in text_stems for p in a.parameters()]
         return [{"params": unet, "lr": unet_lr}, {"params": text, "lr": text_encoder_lr}]
 
 

@@ -24,10 +24,9 @@ from torch import nn
 from . import HeldModel, ModelLoadError, SizeInfo, TargetSpec
 from .common import CHECKPOINT_FLAGS, HeldModelAdapter, checkpoint_blocks, checkpointed, frozen, switched_off
 from .conditioning import Cond
-from ..targets import (TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, Target, find_open_clip_targets,
-                       find_targets, unet_blocks)
+from ..targets import (SDXL_TEXT_ENCODER_PREFIXES, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_BLOCKS, UNET_PREFIX, Target,
+                       find_open_clip_targets, find_targets, unet_blocks)
 
-TE1_PREFIX = "lora_te1"  # SDXL's first text encoder (CLIP ViT-L)
 # sgm's own checkpoint switches (ResBlock/UNet use_checkpoint, BasicTransformerBlock checkpoint) and open_clip's
 # Transformer.grad_checkpointing: all reentrant, which gives adapters inside a block no gradient.
 _SGM_CHECKPOINT_FLAGS = (*CHECKPOINT_FLAGS, "grad_checkpointing")
@@ -106,7 +105,7 @@ class SgmModel(HeldModelAdapter):
         before its last layer, but OpenCLIP's pooled output, part of the vector, runs through all of TE2's."""
         targets = find_targets(self.unet, unet_blocks(spec.conv), UNET_PREFIX)
         if spec.text_encoder:
-            targets.update(find_targets(self.text_model, TEXT_ENCODER_BLOCKS, TE1_PREFIX))
+            targets.update(find_targets(self.text_model, TEXT_ENCODER_BLOCKS, SDXL_TEXT_ENCODER_PREFIXES[0]))
             targets.update(find_open_clip_targets(self.open_clip_model, TEXT_ENCODER_2_PREFIX))
         return targets
 
