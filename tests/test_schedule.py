@@ -17,6 +17,7 @@ from lora_train.config import ConfigError, DataConfig, TrainConfig
 from lora_train.dataset import load_dataset
 from lora_train.export import build_metadata
 from lora_train.losses import min_snr_weight, rescale_zero_terminal_snr, snr
+from lora_train.models.common import HeldModelAdapter
 from lora_train.models.conditioning import Cond
 from lora_train.pipeline import build_network, train_lora
 from lora_train.trainer import Trainer
@@ -33,7 +34,7 @@ def sd_schedule(steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0).float()
 
 
-class TrivialModel:
+class TrivialModel(HeldModelAdapter):
     """A DiffusionModel whose UNet is one 1x1 convolution on the latents and whose VAE is one strided one."""
 
     family, name, clip_skip, size_conditioned, device = "sd1", "trivial", 1, False, CPU
